@@ -1,0 +1,69 @@
+"""The few functions that appear in recorded graphs besides torch's own.
+
+They are plain callables so the same graph runs on meta tensors (compile) and on real ones
+(execute). ``read_site`` is never called: the executor binds its value when the site fires.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def read_site(label: str) -> torch.Tensor:
+    """Value of a site as it arrives in the forward pass (bound by the executor)."""
+    raise RuntimeError(f"read_site({label!r}) is bound by the executor, never called")
+
+
+def save(value: Any, name: str) -> Any:
+    """Mark ``value`` to be returned under ``name``."""
+    return value
+
+
+def stack_layers(*values: torch.Tensor) -> torch.Tensor:
+    """Stack one site's values over a layer selection on a new leading ``layer`` dim."""
+    return torch.stack(values)
+
+
+def select_layer(stacked: torch.Tensor, i: int) -> torch.Tensor:
+    """Entry ``i`` of a value stacked over layers."""
+    return stacked[i]
+
+
+def assign(old: torch.Tensor, new: Any) -> torch.Tensor:
+    """The value that replaces ``old``: ``new`` converted to old's dtype/device and shape."""
+    value = torch.as_tensor(new).to(device=old.device, dtype=old.dtype)
+    if value.shape != old.shape:
+        value = torch.broadcast_to(value, old.shape).clone()
+    return value
+
+
+def assign_layer(old: torch.Tensor, new: Any, i: int, n: int) -> torch.Tensor:
+    """Assignment to layer ``i`` of an ``n``-layer selection: a per-layer slice or a broadcast."""
+    if isinstance(new, torch.Tensor) and new.dim() == old.dim() + 1 and new.shape[0] == n:
+        new = new[i]
+    return assign(old, new)
+
+
+def setitem(base: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``base[index] = value`` without touching ``base``: earlier reads keep their value."""
+    out = base.clone()
+    out[index] = value.to(out.dtype) if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def evaluate(node: Any, value_of: Any, constants: dict[str, Any]) -> Any:
+    """Run one graph node; ``value_of`` maps an input node to its value."""
+    import torch.fx
+
+    def load(a: Any) -> Any:
+        return value_of(a)
+
+    if node.op == "get_attr":
+        return constants[node.target]
+    args = torch.fx.node.map_arg(node.args, load)
+    kwargs = torch.fx.node.map_arg(node.kwargs, load)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)

@@ -1,0 +1,146 @@
+"""Inputs: prompts of every invoke → one left-padded batch for a single forward pass.
+
+Each invoke contributes one or more rows. Rows are left-padded to the longest prompt in the
+trace, so position ``-1`` is every prompt's last real token; position ids are computed from the
+attention mask so padding never shifts a prompt's positions. An invoke sees its own rows,
+trimmed to its own longest prompt (``Segment``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import RecordError
+
+Prompt = str | Sequence[int] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One invoke's part of the batch: rows ``start:stop``, its prompts and its token length."""
+
+    start: int
+    stop: int
+    length: int
+    single: bool
+    prompts: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    token_strs: tuple[tuple[str, ...], ...]
+
+    @property
+    def rows(self) -> slice | int:
+        return self.start if self.single else slice(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The model inputs of one trace and the segment of each invoke."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    segments: tuple[Segment, ...]
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def model_kwargs(self, device: torch.device) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids.to(device)}
+        if self.attention_mask is not None:
+            kwargs["attention_mask"] = self.attention_mask.to(device)
+            kwargs["position_ids"] = self.position_ids.to(device)  # type: ignore[union-attr]
+        return kwargs
+
+
+def encode(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], list[str], bool]:
+    """Token ids of one invoke's prompt(s); returns (ids per prompt, texts, single)."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 1:
+            ids = [prompt.tolist()]
+            single = True
+        elif prompt.dim() == 2:
+            ids = prompt.tolist()
+            single = False
+        else:
+            raise RecordError(f"Token ids must be 1-D or 2-D, got shape {tuple(prompt.shape)}.")
+        return ids, [_decode(tokenizer, i) for i in ids], single
+    if isinstance(prompt, str):
+        return [_tokenize(tokenizer, prompt)], [prompt], True
+    items = list(prompt)
+    if not items:
+        raise RecordError("An empty list of prompts was given; pass at least one prompt.")
+    if all(isinstance(i, int) for i in items):
+        return [list(items)], [_decode(tokenizer, items)], True
+    ids, texts = [], []
+    for item in items:
+        sub_ids, sub_texts, _ = encode(tokenizer, item)
+        if len(sub_ids) != 1:
+            raise RecordError("Nested prompt lists are not supported; give a flat list of prompts.")
+        ids += sub_ids
+        texts += sub_texts
+    return ids, texts, False
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    if tokenizer is None:
+        raise RecordError(
+            "This model was wrapped without a tokenizer, so text prompts cannot be encoded. "
+            "Pass token ids (a list of ints or a LongTensor) or use oculi.wrap(model, tokenizer)."
+        )
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids:
+        raise RecordError(f"The prompt {text!r} encodes to no tokens; give a non-empty prompt.")
+    return ids
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids)) if tokenizer is not None else " ".join(map(str, ids))
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> tuple[str, ...]:
+    """Readable text of each token (``" Paris"``), or the id as text without a tokenizer."""
+    if tokenizer is None:
+        return tuple(str(i) for i in ids)
+    return tuple(tokenizer.decode([i]) for i in ids)
+
+
+def build_batch(
+    tokenizer: Any, invokes: Sequence[tuple[list[list[int]], list[str], bool]], pad_id: int
+) -> Batch:
+    """Left-pad every invoke's prompts into one batch."""
+    rows = [ids for ids, _, _ in invokes for ids in ids]
+    length = max(len(r) for r in rows)
+    padded = any(len(r) != length for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, length - len(r):] = 1
+    segments, start = [], 0
+    for ids, texts, single in invokes:
+        seg_len = max(len(r) for r in ids)
+        strs = tuple(("",) * (seg_len - len(r)) + token_strings(tokenizer, r) for r in ids)
+        segments.append(Segment(start, start + len(ids), seg_len, single, tuple(texts),
+                                tuple(tuple(r) for r in ids), strs))
+        start += len(ids)
+    if not padded:
+        return Batch(input_ids, None, None, tuple(segments))
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(input_ids, mask, position_ids, tuple(segments))
+
+
+def pad_token_id(tokenizer: Any, config: Any) -> int:
+    """The id used for left padding (masked out, so any valid id works)."""
+    for source in (tokenizer, config):
+        for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(source, attr, None) if source is not None else None
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    return 0

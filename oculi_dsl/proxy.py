@@ -1,0 +1,248 @@
+"""Recording: ``torch.fx`` proxies that turn every operation inside a trace into graph nodes.
+
+:class:`Recorder` is a ``torch.fx`` tracer whose graph is the intervention program: site reads,
+torch functions, tensor methods, operators, indexing, slice assignment and saves. Nothing is
+executed. :class:`OculiProxy` adds what researchers need on top of ``torch.fx.Proxy``:
+``.save()``, slice assignment, and errors (instead of guesses) for Python control flow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch.fx.proxy import TracerBase
+
+from . import _ops
+from .errors import RecordError
+from .sites import SiteRef
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SKIP_DIRS = (_PACKAGE_DIR, os.path.dirname(torch.__file__))
+
+SiteKey = tuple[int, SiteRef]
+
+
+def _user_source() -> str:
+    """``file:line`` of the first frame outside oculi-dsl and torch (the user's line)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return "<unknown>"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+@dataclass
+class SiteBinding:
+    """Which sites a proxy's value came from, so that editing it writes the sites back."""
+
+    keys: tuple[SiteKey, ...]
+    stacked: bool
+
+
+class OculiProxy(torch.fx.Proxy):
+    """A recorded value inside a trace. Use it like a tensor; nothing runs until the block exits."""
+
+    tracer: Recorder
+
+    def __init__(self, node: torch.fx.Node, tracer: Recorder, binding: SiteBinding | None = None):
+        super().__init__(node, tracer)
+        self._binding = binding
+
+    # -- verbs ---------------------------------------------------------------------------
+    def save(self, name: str | None = None) -> OculiProxy:
+        """Keep this value as read; it becomes a variable of ``t.result`` (named ``name``)."""
+        self.tracer.add_save(self, name)
+        return self
+
+    @property
+    def value(self) -> Any:
+        """The saved value (a tensor) once the trace has run; only for saved proxies."""
+        return self.tracer.saved_value(self)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.check_open("slice assignment")
+        new = self.tracer.create_proxy("call_function", _ops.setitem, (self, index, value), {})
+        self.node = new.node
+        if self._binding is not None:
+            self.tracer.write_back(self._binding, new.node)
+
+    # -- Python control flow is refused, never guessed ------------------------------------
+    def __bool__(self) -> bool:
+        raise RecordError(
+            f"Cannot use {self._describe()} as a Python bool (`if`, `while`, `and`, `assert`) "
+            "inside a trace: its value does not exist yet. Record the choice instead, e.g. "
+            "`torch.where(cond, a, b)`, or save the value and decide after the block."
+        )
+
+    def __len__(self) -> int:
+        raise RecordError(
+            f"len() of {self._describe()} is not known while recording. Use `.shape[i]` "
+            "(recorded) or the model's sizes (`model.info`), e.g. `model.info.n_layers`."
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        raise RecordError(
+            f"Cannot iterate over {self._describe()} inside a trace. Index it explicitly "
+            "(`x[0]`, `x[:, 3]`) or use a torch op such as `x.unbind(0)` on a saved value."
+        )
+
+    def __repr__(self) -> str:
+        return f"OculiProxy({self._describe()})"
+
+    def _describe(self) -> str:
+        site = self.node.meta.get("site_label")
+        return f"proxy '{self.node.name}'" + (f" ({site})" if site else "")
+
+
+class Recorder(TracerBase):
+    """The ``torch.fx`` tracer of one trace: builds the graph, tracks sites, edits and saves."""
+
+    def __init__(self) -> None:
+        self.graph = torch.fx.Graph()
+        self.constants: dict[str, torch.Tensor] = {}
+        self.reads: dict[SiteKey, torch.fx.Node] = {}
+        self.current: dict[SiteKey, torch.fx.Node] = {}
+        self.saves: list[tuple[str, torch.fx.Node]] = []
+        self.closed = False
+        self.results: dict[str, Any] | None = None
+        self._const_ids: dict[int, str] = {}
+        self._save_names: dict[torch.fx.Node, str] = {}
+
+    # -- torch.fx hooks ---------------------------------------------------------------------
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
+        self.check_open(f"'{target if isinstance(target, str) else getattr(target, '__name__', target)}'")
+        if kind == "call_method" and isinstance(target, str) and target.endswith("_") \
+                and not target.startswith("_"):
+            raise RecordError(
+                f"In-place method '.{target}()' is not allowed on a traced value: it would "
+                f"change the model's own tensor. Use '.{target[:-1]}()' and assign the result "
+                "(`t.layers[i].mlp.out = x.{0}(...)`) or slice assignment (`x[4] = 0`).".format(target[:-1])
+            )
+        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["source"] = _user_source()
+        return node
+
+    def proxy(self, node: torch.fx.Node) -> OculiProxy:  # type: ignore[override]
+        return OculiProxy(node, self)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, OculiProxy) and a.tracer is not self:
+            raise RecordError(
+                f"{a._describe()} belongs to another trace. Values flow between invokes of one "
+                "trace, not between traces: save it and pass the saved tensor instead."
+            )
+        if isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy):
+            return self._constant(a)
+        if isinstance(a, np.ndarray):
+            return self._constant(torch.from_numpy(a))
+        return super().create_arg(a)
+
+    def _constant(self, tensor: torch.Tensor) -> torch.fx.Node:
+        name = self._const_ids.get(id(tensor))
+        if name is None:
+            name = f"_const{len(self.constants)}"
+            self.constants[name] = tensor
+            self._const_ids[id(tensor)] = name
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and node.target == name:
+                return node
+        return self.graph.create_node("get_attr", name)
+
+    def iter(self, obj: Any) -> Iterator[Any]:
+        raise RecordError("Cannot iterate over a traced value; index it explicitly instead.")
+
+    def to_bool(self, obj: Any) -> bool:
+        raise RecordError("Cannot use a traced value as a Python bool; use torch.where instead.")
+
+    def keys(self, obj: Any) -> Any:
+        raise RecordError("Cannot unpack a traced value with ** inside a trace.")
+
+    # -- sites --------------------------------------------------------------------------------
+    def check_open(self, what: str) -> None:
+        if self.closed:
+            raise RecordError(
+                f"This trace has finished, so {what} cannot be recorded and proxies have no "
+                "value. Only saved values exist after the `with` block: call `.save()` on the "
+                "proxy inside the block and read `t.result[...]` (or `proxy.value`) afterwards."
+            )
+
+    def read(self, key: SiteKey) -> OculiProxy:
+        """A proxy for the current value of a site (its arriving value until it is edited)."""
+        node = self.current.get(key)
+        if node is None:
+            invoke, site = key
+            node = self.create_node("call_function", _ops.read_site, (site.label,), {},
+                                    name=f"{site.var_name}_i{invoke}")
+            node.meta.update(site=site, invoke=invoke, site_label=site.label)
+            self.reads[key] = node
+            self.current[key] = node
+        return OculiProxy(node, self, SiteBinding((key,), stacked=False))
+
+    def read_stacked(self, keys: tuple[SiteKey, ...]) -> OculiProxy:
+        parts = [self.read(k) for k in keys]
+        stacked = self.create_proxy("call_function", _ops.stack_layers, tuple(parts), {})
+        stacked.node.meta["layers"] = tuple(k[1].layer for k in keys)
+        stacked.node.meta["site_label"] = f"layers[{keys[0][1].layer}..{keys[-1][1].layer}]." \
+                                          f"{keys[0][1].name}"
+        return OculiProxy(stacked.node, self, SiteBinding(keys, stacked=True))
+
+    def assign(self, key: SiteKey, value: Any, layer_pos: tuple[int, int] | None = None) -> None:
+        """Record ``site = value`` (a swap): downstream of this site, ``value`` flows on."""
+        self.check_open("an assignment")
+        old = self.read(key)
+        if layer_pos is None:
+            new = self.create_proxy("call_function", _ops.assign, (old, value), {})
+        else:
+            new = self.create_proxy("call_function", _ops.assign_layer, (old, value, *layer_pos), {})
+        self.current[key] = new.node
+
+    def write_back(self, binding: SiteBinding, node: torch.fx.Node) -> None:
+        if not binding.stacked:
+            self.current[binding.keys[0]] = node
+            return
+        for i, key in enumerate(binding.keys):
+            part = self.create_proxy("call_function", _ops.select_layer, (self.proxy(node), i), {})
+            self.current[key] = part.node
+
+    # -- saves ----------------------------------------------------------------------------
+    def add_save(self, proxy: OculiProxy, name: str | None) -> None:
+        self.check_open(".save()")
+        if name is None:
+            name = _default_name(proxy.node)
+        if any(n == name for n, _ in self.saves):
+            raise RecordError(
+                f"Two values are saved as '{name}'. Give each .save() its own name, "
+                f"e.g. .save('{name}_2')."
+            )
+        node = self.create_node("call_function", _ops.save, (proxy.node, name), {}, name=f"save_{name}")
+        self.saves.append((name, node))
+        self._save_names[proxy.node] = name
+
+    def saved_value(self, proxy: OculiProxy) -> Any:
+        name = self._save_names.get(proxy.node)
+        if name is None or self.results is None:
+            raise RecordError(
+                f"{proxy._describe()} has no value: only saved values exist after the trace. "
+                "Call `.save()` on it inside the `with` block."
+            )
+        return self.results[name]
+
+
+def _default_name(node: torch.fx.Node) -> str:
+    site = node.meta.get("site")
+    if isinstance(site, SiteRef):
+        return site.var_name
+    if node.target is _ops.stack_layers and node.args:
+        first = node.args[0]
+        site = first.meta.get("site") if isinstance(first, torch.fx.Node) else None
+        if isinstance(site, SiteRef):
+            return site.name.replace(".", "_")
+    return node.name

@@ -1,0 +1,51 @@
+"""The declarative vocabulary: what a site is and how a model family maps the vocabulary.
+
+A :class:`SiteSpec` says where one canonical site lives inside one architecture (which module,
+its input or its output), which labelled dims its value has, and how an edit to it flows on.
+A :class:`Family` is one small table of such specs plus the config keys that give the model's
+sizes. The tables in this package hold all the architecture knowledge the executor uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Where = Literal["input", "output"]
+WriteMode = Literal["replace", "residual_delta"]
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where a canonical site lives in one architecture.
+
+    ``module`` is a dotted path relative to the decoder layer (layer sites) or to the root
+    model (model sites; ``""`` is the root). ``where`` picks the module's first input or its
+    output (the first element of a tuple output, or ``field`` of a ``ModelOutput``).
+    ``write="residual_delta"`` marks a value that HF also keeps as the residual inside the
+    layer (``resid_mid``): an edit replaces the module input and adds the same change to the
+    layer output, so the stream downstream sees the edited value.
+    """
+
+    module: str
+    where: Where
+    dims: tuple[str, ...]
+    order: int = 0
+    field: str | None = None
+    write: WriteMode = "replace"
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family's site table and config vocabulary."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    attention: str
+    layer_sites: dict[str, SiteSpec]
+    model_sites: dict[str, SiteSpec]
+    absent: dict[str, str] = field(default_factory=dict)
+    config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    notes: str = ""

@@ -1,0 +1,339 @@
+"""The user-facing tracing context: ``with oculi.trace(model, prompt) as t:``.
+
+Inside the block, ``t.layers[i].<site>``, ``t.embed``, ``t.logits`` and ``t.module(path)`` are
+proxies; every use is recorded by the :class:`~oculi_dsl.proxy.Recorder`. Each ``t.invoke(...)``
+adds prompts to the same batch. On exit the recording is compiled into a plan and executed in
+one forward pass; ``t.result`` then labels the saved values as an ``xarray.Dataset``.
+
+>>> import oculi_dsl as oculi
+>>> model = oculi.testing.tiny_model("llama")
+>>> with oculi.trace(model, "The capital of France is") as t:
+...     t.layers[:].resid_post.save("resid")
+...     t.logits[-1].save("last")
+>>> t.result["resid"].dims
+('layer', 'token', 'd_model')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import xarray as xr
+
+from . import inputs
+from .errors import RecordError, SiteError, did_you_mean
+from .models import OculiModel, wrap
+from .proxy import OculiProxy, Recorder, SiteKey
+from .sites import SiteRef, layer_site, model_site
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+class Invoke:
+    """One prompt (or list of prompts) in a trace; its sites are proxies into its batch rows."""
+
+    def __init__(self, trace: Trace, index: int, prompt: Any):
+        self._trace = trace
+        self._index = index
+        model = trace.model
+        self._encoded = inputs.encode(model.tokenizer, prompt)
+
+    def __enter__(self) -> Invoke:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    @property
+    def layers(self) -> LayerList:
+        """``layers[i]``, ``layers[a:b]``, ``layers[:]``, ``layers[[i, j]]`` (stack on ``layer``)."""
+        return LayerList(self)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """This invoke's token ids (``(token,)``, or left-padded ``(prompt, token)``)."""
+        ids, _, single = self._encoded
+        if single:
+            return torch.tensor(ids[0], dtype=torch.long)
+        width = max(len(r) for r in ids)
+        pad = inputs.pad_token_id(self._trace.model.tokenizer, self._trace.model.hf.config)
+        return torch.tensor([[pad] * (width - len(r)) + r for r in ids], dtype=torch.long)
+
+    def module(self, path: str) -> ModuleView:
+        """Raw access to any submodule by dotted path: ``.input`` / ``.output`` (whole batch)."""
+        names = dict(self._trace.model.hf.named_modules())
+        if path not in names:
+            raise SiteError(
+                f"No module '{path}' in {self._trace.model.info.architecture}."
+                f"{did_you_mean(path, names)} List them with "
+                "`[n for n, _ in model.hf.named_modules()]`."
+            )
+        return ModuleView(self, path)
+
+    def _key(self, site: SiteRef) -> SiteKey:
+        return (self._index, site)
+
+    def _model_site(self, name: str) -> SiteRef:
+        model_site(self._trace.model.family, name)
+        return SiteRef("model", name)
+
+    def _read(self, site: SiteRef) -> OculiProxy:
+        return self._trace._recorder.read(self._key(site))
+
+    def _assign(self, site: SiteRef, value: Any) -> None:
+        self._trace._recorder.assign(self._key(site), value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("embed", "final_norm", "logits"):
+            return self._read(self._model_site(name))
+        raise AttributeError(
+            f"'{name}' is not part of a trace.{did_you_mean(name, _INVOKE_NAMES)} "
+            f"Available: {', '.join(_INVOKE_NAMES)}."
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif name in ("embed", "final_norm", "logits"):
+            self._assign(self._model_site(name), value)
+        else:
+            raise RecordError(f"Cannot assign to '{name}'. Assignable: embed, final_norm, logits, "
+                              "layers[i].<site>, module(path).input/.output.")
+
+
+_INVOKE_NAMES = ("layers", "embed", "final_norm", "logits", "module", "tokens", "invoke")
+
+
+class LayerList:
+    """``t.layers``: select one layer (``[i]``) or several (``[a:b]``, ``[:]``, ``[[i, j]]``)."""
+
+    def __init__(self, invoke: Invoke):
+        self._invoke = invoke
+
+    def __len__(self) -> int:
+        return self._invoke._trace.model.info.n_layers
+
+    def __iter__(self) -> Any:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> LayerView:
+        n = len(self)
+        if isinstance(index, bool) or isinstance(index, (torch.Tensor, OculiProxy)):
+            raise SiteError(f"Layer index must be an int, slice or list of ints, got {type(index).__name__}.")
+        if isinstance(index, int):
+            return LayerView(self._invoke, (self._check(index, n),), stacked=False)
+        if isinstance(index, slice):
+            chosen = tuple(range(n)[index])
+        elif isinstance(index, (list, tuple, range)):
+            chosen = tuple(self._check(i, n) for i in index)
+        else:
+            raise SiteError(f"Layer index must be an int, slice or list of ints, got {index!r}.")
+        if not chosen:
+            raise SiteError(f"The layer selection {index!r} is empty (model has {n} layers).")
+        return LayerView(self._invoke, chosen, stacked=True)
+
+    def _check(self, i: Any, n: int) -> int:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise SiteError(f"Layer index must be an int, got {i!r}.")
+        if not -n <= i < n:
+            info = self._invoke._trace.model.info
+            raise SiteError(
+                f"Layer {i} is out of range for {info.model_id} ({info.family}, {n} layers): "
+                f"valid layers are 0..{n - 1} (or -{n}..-1)."
+            )
+        return i % n
+
+
+class LayerView:
+    """Sites of one layer, or of a layer selection (values stack on a leading ``layer`` dim)."""
+
+    def __init__(self, invoke: Invoke, layers: tuple[int, ...], stacked: bool, prefix: str = ""):
+        object.__setattr__(self, "_invoke", invoke)
+        object.__setattr__(self, "_layers", layers)
+        object.__setattr__(self, "_stacked", stacked)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def _site_name(self, name: str) -> str | None:
+        """Full site name, or None when ``name`` is a group prefix such as ``attn``."""
+        full = self._prefix + name
+        family = self._invoke._trace.model.family
+        if full in family.layer_sites:
+            return full
+        if any(s.startswith(full + ".") for s in (*family.layer_sites, *family.absent)):
+            return None
+        layer_site(family, full, self._layers[0] if not self._stacked else None)  # raises
+        return full
+
+    def _keys(self, name: str) -> tuple[SiteKey, ...]:
+        return tuple(self._invoke._key(SiteRef.layer(name, layer)) for layer in self._layers)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        full = self._site_name(name)
+        if full is None:
+            return LayerView(self._invoke, self._layers, self._stacked, self._prefix + name + ".")
+        recorder = self._invoke._trace._recorder
+        keys = self._keys(full)
+        return recorder.read_stacked(keys) if self._stacked else recorder.read(keys[0])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        full = self._site_name(name)
+        if full is None:
+            raise RecordError(f"'{self._prefix}{name}' is a group of sites, not a site; "
+                              f"assign to one of its sites, e.g. '{self._prefix}{name}.out'.")
+        recorder = self._invoke._trace._recorder
+        keys = self._keys(full)
+        for i, key in enumerate(keys):
+            recorder.assign(key, value, (i, len(keys)) if self._stacked else None)
+
+    def __repr__(self) -> str:
+        sel = self._layers[0] if not self._stacked else list(self._layers)
+        return f"<layers[{sel}]{'.' + self._prefix.rstrip('.') if self._prefix else ''}>"
+
+
+class ModuleView:
+    """``t.module(path)``: the module's first input / its output, for the whole batch."""
+
+    def __init__(self, invoke: Invoke, path: str):
+        object.__setattr__(self, "_invoke", invoke)
+        object.__setattr__(self, "_path", path)
+
+    @property
+    def input(self) -> OculiProxy:
+        return self._invoke._read(SiteRef("module", self._path, where="input"))
+
+    @property
+    def output(self) -> OculiProxy:
+        return self._invoke._read(SiteRef("module", self._path, where="output"))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in ("input", "output"):
+            raise RecordError(f"Only .input and .output of a module can be assigned, not '{name}'.")
+        self._invoke._assign(SiteRef("module", self._path, where=name), value)
+
+
+class Trace:
+    """A recording over one model; runs once, in one forward pass, when the block exits."""
+
+    def __init__(self, model: Any, prompt: Any = None, *, grad: bool = False, stop_early: bool = True):
+        self.model: OculiModel = wrap(model)
+        self._recorder = Recorder()
+        self._invokes: list[Invoke] = []
+        self._grad = grad
+        self._stop_early = stop_early
+        self._plan: Plan | None = None
+        self._saved: dict[str, Any] | None = None
+        self._result: xr.Dataset | None = None
+        self._default = self.invoke(prompt) if prompt is not None else None
+
+    # -- recording -------------------------------------------------------------------------
+    def invoke(self, prompt: Any) -> Invoke:
+        """Add a prompt (or list of prompts, or token ids) to this trace's single batch."""
+        self._recorder.check_open("a new invoke")
+        inv = Invoke(self, len(self._invokes), prompt)
+        self._invokes.append(inv)
+        return inv
+
+    def _main(self) -> Invoke:
+        if self._default is None:
+            raise RecordError(
+                "This trace was opened without a prompt, so it has no sites of its own. "
+                "Use `with t.invoke(prompt) as x:` and read `x.layers[...]`, or pass the prompt "
+                "to oculi.trace(model, prompt)."
+            )
+        return self._default
+
+    @property
+    def layers(self) -> LayerList:
+        return self._main().layers
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._main().tokens
+
+    def module(self, path: str) -> ModuleView:
+        return self._main().module(path)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("embed", "final_norm", "logits"):
+            return getattr(self._main(), name)
+        raise AttributeError(f"'Trace' has no attribute '{name}'.{did_you_mean(name, _INVOKE_NAMES)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("embed", "final_norm", "logits"):
+            setattr(self._main(), name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    # -- running ---------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._recorder.closed = True
+        if exc_type is not None:
+            return False  # the user's exception propagates unchanged; nothing runs
+        from .compiler import compile_plan
+        from .executor import execute
+
+        if not self._invokes:
+            raise RecordError("The trace has no prompt: pass one to oculi.trace() or call t.invoke().")
+        self._plan = compile_plan(self._recorder, self.model, [i._encoded for i in self._invokes],
+                                  stop_early=self._stop_early)
+        self._saved = execute(self._plan, self.model, grad=self._grad)
+        self._recorder.results = self._saved
+        return False
+
+    @property
+    def graph(self) -> str:
+        """The recorded intervention graph, one node a line."""
+        from .plan import format_graph
+
+        return format_graph(self._recorder.graph)
+
+    @property
+    def plan(self) -> Plan:
+        if self._plan is None:
+            raise RecordError("The trace has not run yet; its plan exists after the `with` block.")
+        return self._plan
+
+    @property
+    def saved(self) -> dict[str, Any]:
+        """The raw saved values (tensors), by name."""
+        if self._saved is None:
+            raise RecordError("The trace has not run yet; saved values exist after the `with` block.")
+        return self._saved
+
+    @property
+    def result(self) -> xr.Dataset:
+        """Saved values as an ``xarray.Dataset`` with labeled dims, coords and provenance."""
+        if self._result is None:
+            from .results import to_dataset
+
+            self._result = to_dataset(self.plan, self.saved, self.model, self.graph)
+        return self._result
+
+
+def trace(model: Any, prompt: Any = None, *, grad: bool = False, stop_early: bool = True) -> Trace:
+    """Open a trace over ``model`` (an :class:`OculiModel` or a HF model).
+
+    ``prompt`` is a string, a list of strings, or token ids; omit it and use ``t.invoke()`` to
+    put several prompts in one batch. ``grad=True`` keeps autograd on. ``stop_early`` ends the
+    forward pass after the last site the trace needs.
+
+    >>> import oculi_dsl as oculi
+    >>> model = oculi.testing.tiny_model("gpt2")
+    >>> with oculi.trace(model) as t:
+    ...     with t.invoke("Once upon a time") as a:
+    ...         h = a.layers[1].mlp.out
+    ...     with t.invoke("Once upon a tide") as b:
+    ...         b.layers[1].mlp.out = h
+    ...         b.logits[-1].save("patched")
+    >>> t.result["patched"].dims
+    ('vocab',)
+    """
+    return Trace(model, prompt, grad=grad, stop_early=stop_early)

@@ -1,0 +1,1 @@
+"""Reusable analyses built only on the public oculi-dsl API (installed as ``oculi_dsl.recipes``)."""
