@@ -67,3 +67,27 @@ def evaluate(node: Any, value_of: Any, constants: dict[str, Any]) -> Any:
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return node.target(*args, **kwargs)
+
+
+def scale_at(x: torch.Tensor, alpha: float, index: Any) -> torch.Tensor:
+    """``x`` with ``x[index]`` multiplied by ``alpha`` (``x`` itself untouched)."""
+    out = x.clone()
+    out[index] = out[index] * alpha
+    return out
+
+
+def zeros_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
+def mean_over_prompts(x: torch.Tensor, reference: Any) -> torch.Tensor:
+    """Mean ablation value: the reference's mean over its leading prompt dim, per position."""
+    ref = torch.as_tensor(reference).to(device=x.device, dtype=x.dtype)
+    if ref.dim() == x.dim() + 1:
+        ref = ref.mean(0)
+    return torch.broadcast_to(ref, x.shape).clone()
+
+
+def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """KV heads repeated per query head: query head h uses KV head h // n_rep (HF repeat_kv)."""
+    return x.repeat_interleave(n_rep, dim=-3) if n_rep > 1 else x

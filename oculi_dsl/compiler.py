@@ -291,6 +291,9 @@ def _labels(node: torch.fx.Node, meta: dict[torch.fx.Node, Any], labels: dict[to
         first = ins[0]
         layers = node.meta["layers"]
         return (Axis("layer", layers),) + first if first is not None else None
+    if node.target is _ops.expand_kv and ins[0] is not None:
+        n_heads = meta[node].shape[-3]
+        return tuple(Axis("head", tuple(range(n_heads))) if a.name == "kv_head" else a for a in ins[0])
     if node.target is _ops.select_layer:
         return ins[0][1:] if ins[0] is not None else None
     if node.target in (_ops.assign, _ops.assign_layer, _ops.setitem, _ops.save):

@@ -9,12 +9,13 @@ success and on error, so the model is left exactly as it was.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.fx
 
-from . import _ops
+from . import _ops, attention
 from .dims import TOKEN_LIKE
 from .errors import ExecutionError, OculiError
 from .inputs import Segment
@@ -121,7 +122,17 @@ def _replace_output(output: Any, field: str | None, value: torch.Tensor) -> Any:
     return (value, *output[1:])
 
 
-def _install(step: Step, module: torch.nn.Module, run: _Run) -> Any:
+def _install(step: Step, module: torch.nn.Module, run: _Run, n_heads: int) -> Any:
+    if step.where == "result":
+        def on_projection(mod: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+            full = attention.result(args[0], mod.weight, n_heads, step.field or "linear")
+            new = run.fire(step, full)
+            if new is full:
+                return None
+            bias = getattr(mod, "bias", None)
+            return new.sum(-2) + bias if bias is not None else new.sum(-2)
+
+        return module.register_forward_hook(on_projection)
     if step.where == "output":
         def on_output(mod: torch.nn.Module, args: Any, output: Any) -> Any:
             value = _output_value(output, step.field)
@@ -146,10 +157,16 @@ def execute(plan: Plan, model: OculiModel, *, grad: bool = False) -> dict[str, A
     """Run ``plan`` in one forward pass of ``model``; returns the saved values by name."""
     run = _Run(plan)
     handles = []
+    routes: dict[torch.nn.Module, dict[str, Step]] = {}
     try:
         for step in plan.steps:
-            handles.append(_install(step, model.hf.get_submodule(step.module), run))
-        with torch.set_grad_enabled(grad):
+            module = model.hf.get_submodule(step.module)
+            if step.where == "attention":
+                routes.setdefault(module, {})[step.field] = step  # type: ignore[index]
+            else:
+                handles.append(_install(step, module, run, model.info.n_heads))
+        router = attention.AttentionRouter(model.hf, routes, run.fire) if routes else nullcontext()
+        with torch.set_grad_enabled(grad), router:
             run.run_nodes(plan.prelude)
             try:
                 model.hf(**plan.batch.model_kwargs(model.device), use_cache=False)

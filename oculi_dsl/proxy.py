@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch.fx.proxy import TracerBase
 
-from . import _ops
+from . import _ops, _verbs
 from .errors import RecordError
 from .sites import SiteRef
 
@@ -45,6 +45,11 @@ class SiteBinding:
 
     keys: tuple[SiteKey, ...]
     stacked: bool
+    index: Any = None  # part of the site this proxy views (one head of attn.z)
+
+    @property
+    def site(self) -> str:
+        return self.keys[0][1].name
 
 
 class OculiProxy(torch.fx.Proxy):
@@ -66,6 +71,22 @@ class OculiProxy(torch.fx.Proxy):
     def value(self) -> Any:
         """The saved value (a tensor) once the trace has run; only for saved proxies."""
         return self.tracer.saved_value(self)
+
+    def scale(self, alpha: float, *, head: int | None = None, kv_head: int | None = None) -> None:
+        """Multiply one head's queries (``attn.q``, ``head=``) or keys (``attn.k``, ``kv_head=``).
+
+        Scaling q_h by alpha multiplies head h's pre-softmax logits by alpha (alpha > 1
+        sharpens, alpha < 1 flattens). Scaling a KV head changes every query head sharing it.
+        """
+        _verbs.scale(self, alpha, head=head, kv_head=kv_head)
+
+    def ablate(self, kind: str = "zero", reference: Any = None) -> None:
+        """Replace this head's z (``attn.heads[h]``) with zeros, a mean, or given values."""
+        _verbs.ablate(self, kind, reference)
+
+    def expanded(self) -> OculiProxy:
+        """``attn.k`` / ``attn.v`` repeated per query head (the model's own GQA grouping)."""
+        return _verbs.expanded(self)
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self.tracer.check_open("slice assignment")
@@ -112,6 +133,7 @@ class Recorder(TracerBase):
         self.current: dict[SiteKey, torch.fx.Node] = {}
         self.saves: list[tuple[str, torch.fx.Node]] = []
         self.closed = False
+        self.info: Any = None  # ModelInfo of the traced model, for checks made while recording
         self.results: dict[str, Any] | None = None
         self._const_ids: dict[int, str] = {}
         self._save_names: dict[torch.fx.Node, str] = {}
@@ -205,11 +227,13 @@ class Recorder(TracerBase):
         self.current[key] = new.node
 
     def write_back(self, binding: SiteBinding, node: torch.fx.Node) -> None:
-        if not binding.stacked:
-            self.current[binding.keys[0]] = node
-            return
+        """Make ``node`` the site's value from here on (per layer for a layer selection)."""
         for i, key in enumerate(binding.keys):
-            part = self.create_proxy("call_function", _ops.select_layer, (self.proxy(node), i), {})
+            part = self.proxy(node)
+            if binding.stacked:
+                part = self.create_proxy("call_function", _ops.select_layer, (part, i), {})
+            if binding.index is not None:
+                part = self.create_proxy("call_function", _ops.setitem, (self.read(key), binding.index, part), {})
             self.current[key] = part.node
 
     # -- saves ----------------------------------------------------------------------------

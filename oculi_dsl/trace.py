@@ -16,6 +16,7 @@ one forward pass; ``t.result`` then labels the saved values as an ``xarray.Datas
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,8 @@ import xarray as xr
 from . import inputs
 from .errors import RecordError, SiteError, did_you_mean
 from .models import OculiModel, wrap
-from .proxy import OculiProxy, Recorder, SiteKey
+from . import _ops
+from .proxy import OculiProxy, Recorder, SiteBinding, SiteKey
 from .sites import SiteRef, layer_site, model_site
 
 if TYPE_CHECKING:
@@ -173,6 +175,8 @@ class LayerView:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        if self._prefix == "attn." and name == "heads":
+            return HeadList(self)
         full = self._site_name(name)
         if full is None:
             return LayerView(self._invoke, self._layers, self._stacked, self._prefix + name + ".")
@@ -193,6 +197,36 @@ class LayerView:
     def __repr__(self) -> str:
         sel = self._layers[0] if not self._stacked else list(self._layers)
         return f"<layers[{sel}]{'.' + self._prefix.rstrip('.') if self._prefix else ''}>"
+
+
+class HeadList:
+    """``attn.heads[h]``: one head's slice of ``attn.z`` (token, d_head), to read, swap or ablate."""
+
+    def __init__(self, view: LayerView):
+        self._view = view
+
+    def __getitem__(self, head: int) -> OculiProxy:
+        view = self._view
+        info = view._invoke._trace.model.info
+        if isinstance(head, bool) or not isinstance(head, int) or not -info.n_heads <= head < info.n_heads:
+            raise SiteError(f"Head {head!r} is out of range for {info.model_id} "
+                            f"({info.n_heads} heads): valid heads are 0..{info.n_heads - 1}.")
+        z = view.z
+        index = (Ellipsis, head % info.n_heads, slice(None))  # z is (..., token, head, d_head)
+        recorder = view._invoke._trace._recorder
+        part = recorder.create_proxy("call_function", operator.getitem, (z, index), {})
+        part.node.meta["site_label"] = f"{z.node.meta.get('site_label', 'attn.z')}[head {head}]"
+        binding = SiteBinding(z._binding.keys, z._binding.stacked, index)  # type: ignore[union-attr]
+        return OculiProxy(part.node, recorder, binding)
+
+    def __setitem__(self, head: int, value: Any) -> None:
+        part = self[head]
+        recorder = part.tracer
+        new = recorder.create_proxy("call_function", _ops.assign, (part, value), {})
+        recorder.write_back(part._binding, new.node)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return int(self._view._invoke._trace.model.info.n_heads)
 
 
 class ModuleView:
@@ -222,6 +256,7 @@ class Trace:
     def __init__(self, model: Any, prompt: Any = None, *, grad: bool = False, stop_early: bool = True):
         self.model: OculiModel = wrap(model)
         self._recorder = Recorder()
+        self._recorder.info = self.model.info
         self._invokes: list[Invoke] = []
         self._grad = grad
         self._stop_early = stop_early

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Where = Literal["input", "output"]
+Where = Literal["input", "output", "attention", "result"]
 WriteMode = Literal["replace", "residual_delta"]
 
 
@@ -49,3 +49,30 @@ class Family:
     absent: dict[str, str] = field(default_factory=dict)
     config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     notes: str = ""
+
+
+def attention_sites(attn: str, out_proj: str, layout: str) -> dict[str, SiteSpec]:
+    """The attention-internal sites every family shares (DESIGN §4).
+
+    q/k/v/scores/pattern/z are produced inside the attention function that HF calls through
+    its attention interface, so ``where="attention"`` and ``field`` names the tensor there.
+    ``attn.result`` is computed from the output projection's input and weight (``layout`` is
+    ``"linear"`` for ``nn.Linear`` weights (out, in) or ``"conv1d"`` for GPT-2's (in, out)).
+    """
+    hq, hk, hqk = ("head", "token", "d_head"), ("kv_head", "token", "d_head"), ("head", "query", "key")
+    return {
+        "attn.q": SiteSpec(attn, "attention", hq, order=2, field="q",
+                           doc="queries after rotary (and q_norm)"),
+        "attn.k": SiteSpec(attn, "attention", hk, order=3, field="k",
+                           doc="keys after rotary (and k_norm), per KV head"),
+        "attn.v": SiteSpec(attn, "attention", hk, order=4, field="v", doc="values, per KV head"),
+        "attn.scores": SiteSpec(attn, "attention", hqk, order=5, field="scores",
+                                doc="pre-softmax logits, scaled, soft-capped, masked"),
+        "attn.pattern": SiteSpec(attn, "attention", hqk, order=6, field="pattern",
+                                 doc="softmax weights; rows sum to 1"),
+        "attn.z": SiteSpec(attn, "attention", ("token", "head", "d_head"), order=7, field="z",
+                           doc="per-head mix of values, input of the output projection"),
+        "attn.result": SiteSpec(f"{attn}.{out_proj}", "result", ("token", "head", "d_model"),
+                                order=8, field=layout,
+                                doc="each head's write into the stream, z_h · W_O^h"),
+    }

@@ -8,7 +8,7 @@ scaled by sqrt(d_model) inside the embedding module, so ``embed`` is the scaled 
 
 from __future__ import annotations
 
-from ._spec import Family, SiteSpec
+from ._spec import Family, SiteSpec, attention_sites
 
 TOKEN_MODEL = ("token", "d_model")
 TOKEN_NEURON = ("token", "neuron")
@@ -20,6 +20,7 @@ GEMMA3 = Family(
     attention="self_attn",
     layer_sites={
         "resid_pre": SiteSpec("", "input", TOKEN_MODEL, order=0, doc="layer input"),
+        **attention_sites("self_attn", "o_proj", "linear"),
         "attn.out": SiteSpec("post_attention_layernorm", "output", TOKEN_MODEL, order=10,
                              doc="attention output after the post-attention norm"),
         "resid_mid": SiteSpec("pre_feedforward_layernorm", "input", TOKEN_MODEL, order=20,

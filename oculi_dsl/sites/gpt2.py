@@ -7,7 +7,7 @@ embedding dropout); ``mlp.pre`` is the MLP's pre-activation, ``mlp.act`` its act
 
 from __future__ import annotations
 
-from ._spec import Family, SiteSpec
+from ._spec import Family, SiteSpec, attention_sites
 
 TOKEN_MODEL = ("token", "d_model")
 TOKEN_NEURON = ("token", "neuron")
@@ -19,6 +19,7 @@ GPT2 = Family(
     attention="attn",
     layer_sites={
         "resid_pre": SiteSpec("", "input", TOKEN_MODEL, order=0, doc="layer input"),
+        **attention_sites("attn", "c_proj", "conv1d"),
         "attn.out": SiteSpec("attn", "output", TOKEN_MODEL, order=10,
                              doc="attention block output (c_proj), as added to the stream"),
         "resid_mid": SiteSpec("ln_2", "input", TOKEN_MODEL, order=20, write="residual_delta",

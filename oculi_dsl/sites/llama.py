@@ -7,7 +7,7 @@ gated SiLU MLP (``down(act(gate(x)) * up(x))``). ``resid_mid`` is the input of
 
 from __future__ import annotations
 
-from ._spec import Family, SiteSpec
+from ._spec import Family, SiteSpec, attention_sites
 
 TOKEN_MODEL = ("token", "d_model")
 TOKEN_NEURON = ("token", "neuron")
@@ -19,6 +19,7 @@ LLAMA = Family(
     attention="self_attn",
     layer_sites={
         "resid_pre": SiteSpec("", "input", TOKEN_MODEL, order=0, doc="layer input"),
+        **attention_sites("self_attn", "o_proj", "linear"),
         "attn.out": SiteSpec("self_attn", "output", TOKEN_MODEL, order=10,
                              doc="attention block output (o_proj), as added to the stream"),
         "resid_mid": SiteSpec("post_attention_layernorm", "input", TOKEN_MODEL, order=20,
