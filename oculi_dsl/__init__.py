@@ -26,6 +26,7 @@ from .errors import (
     SiteError,
     StorageError,
 )
+from .generate import Generate, generate
 from .io import open_dataset, to_netcdf
 from .models import ModelInfo, OculiModel, wrap
 from .trace import Trace, trace
@@ -33,6 +34,7 @@ from .trace import Trace, trace
 __all__ = [
     "CompileError",
     "ExecutionError",
+    "Generate",
     "ModelError",
     "ModelInfo",
     "OculiError",
@@ -42,6 +44,7 @@ __all__ = [
     "SiteError",
     "StorageError",
     "Trace",
+    "generate",
     "load",
     "open_dataset",
     "testing",

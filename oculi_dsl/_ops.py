@@ -91,3 +91,7 @@ def mean_over_prompts(x: torch.Tensor, reference: Any) -> torch.Tensor:
 def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """KV heads repeated per query head: query head h uses KV head h // n_rep (HF repeat_kv)."""
     return x.repeat_interleave(n_rep, dim=-3) if n_rep > 1 else x
+
+
+# Ops that edit a site's value; outside the steps they were recorded for they pass it through.
+EDITS = (assign, assign_layer, setitem, scale_at, zeros_like, mean_over_prompts)

@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from .proxy import OculiProxy
 
 
+def layer_part(value: Any, i: int, n: int) -> Any:
+    from .proxy import layer_part as part
+
+    return part(value, i, n)
+
+
 def _site(proxy: OculiProxy, verb: str, allowed: tuple[str, ...]) -> str:
     binding = proxy._binding
     site = binding.site if binding is not None and binding.index is None else None
@@ -60,9 +66,8 @@ def scale(proxy: OculiProxy, alpha: float, *, head: int | None, kv_head: int | N
         h = _check_head(kv_head, info.n_kv_heads, "KV head", info.model_id)
     # q is (..., head, token, d_head) and k (..., kv_head, token, d_head)
     index = (Ellipsis, h, slice(None), slice(None))
-    new = proxy.tracer.create_proxy("call_function", _ops.scale_at, (proxy, float(alpha), index), {})
-    proxy.node = new.node
-    proxy.tracer.write_back(proxy._binding, new.node)  # type: ignore[arg-type]
+    proxy.tracer.edit_each(proxy._binding, lambda part, i: proxy.tracer.create_proxy(  # type: ignore[arg-type]
+        "call_function", _ops.scale_at, (part, float(alpha), index), {}))
 
 
 def ablate(proxy: OculiProxy, kind: str, reference: Any) -> None:
@@ -70,8 +75,7 @@ def ablate(proxy: OculiProxy, kind: str, reference: Any) -> None:
     if kind not in ("zero", "mean"):
         raise RecordError(f"Unknown ablation kind {kind!r}. Valid: 'zero', 'mean' (with reference=).")
     if kind == "zero":
-        args: tuple[Any, ...] = (proxy,)
-        fn = _ops.zeros_like
+        fn: Any = _ops.zeros_like
     else:
         if reference is None:
             raise RecordError(
@@ -80,10 +84,15 @@ def ablate(proxy: OculiProxy, kind: str, reference: Any) -> None:
                 "`ref = t.invoke([...reference prompts...])` (mean over prompts, per position), "
                 "or a tensor of values."
             )
-        args, fn = (proxy, reference), _ops.mean_over_prompts
-    new = proxy.tracer.create_proxy("call_function", fn, args, {})
-    proxy.node = new.node
-    proxy.tracer.write_back(proxy._binding, new.node)  # type: ignore[arg-type]
+        fn = _ops.mean_over_prompts
+    binding = proxy._binding
+    n = len(binding.keys)  # type: ignore[union-attr]
+
+    def make(part: Any, i: int) -> Any:
+        args = (part,) if kind == "zero" else (part, layer_part(reference, i, n))
+        return proxy.tracer.create_proxy("call_function", fn, args, {})
+
+    proxy.tracer.edit_each(binding, make)  # type: ignore[arg-type]
 
 
 def expanded(proxy: OculiProxy) -> OculiProxy:

@@ -34,13 +34,26 @@ class _Missing(Exception):
 class _Run:
     """Values of one execution: graph node → value, deltas carried to layer outputs, saves."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, generating: bool = False):
         self.plan = plan
         self.env: dict[torch.fx.Node, Any] = {}
         self.saved: dict[str, Any] = {}
         self.deltas: dict[int, torch.Tensor] = {}
         self.deferred: list[torch.fx.Node] = []
-        self.length = plan.batch.length
+        self.length = plan.batch.length  # prompt batch length (left padding included)
+        self.total = self.length  # sequence length of the current forward, cache included
+        self.generating = generating
+        self.step = 0
+        self._prelude: dict[torch.fx.Node, Any] = {}
+
+    def start_prelude(self) -> None:
+        self.run_nodes(self.plan.prelude)
+        self._prelude = dict(self.env)
+
+    def start_step(self, step: int, total: int) -> None:
+        """A new forward call of ``generate``: fresh values, same prelude."""
+        self.step, self.total = step, total
+        self.env, self.deferred, self.deltas = dict(self._prelude), [], {}
 
     def value_of(self, node: torch.fx.Node) -> Any:
         try:
@@ -52,6 +65,13 @@ class _Run:
         pending = self.deferred + list(nodes)
         self.deferred = []
         for node in pending:
+            steps = node.meta.get("steps")
+            if steps is not None and self.step not in steps:
+                if node.target is _ops.save:
+                    continue
+                if node.target in _ops.EDITS:  # outside its steps an edit lets the value through
+                    self.env[node] = self.env[node.args[0]]  # type: ignore[index]
+                    continue
             try:
                 value = _ops.evaluate(node, self.value_of, self.plan.constants)
             except _Missing:
@@ -66,15 +86,21 @@ class _Run:
                 ) from err
             self.env[node] = value
             if node.target is _ops.save:
-                self.saved[node.args[1]] = value  # type: ignore[index]
+                if self.generating:
+                    self.saved.setdefault(node.args[1], []).append((self.step, value))  # type: ignore[union-attr]
+                else:
+                    self.saved[node.args[1]] = value  # type: ignore[index]
 
     def view_index(self, step: Step, seg: Segment, full: torch.Tensor) -> tuple[Any, ...] | None:
         """Index of one invoke's part of a batch tensor (None: the whole tensor)."""
         if step.dims is None:
             return None
-        start = self.length - seg.length
+        pad = self.length - seg.length
         idx: list[Any] = [seg.rows]
-        idx += [slice(start, None) if d in TOKEN_LIKE and start else slice(None) for d in step.dims]
+        for d, size in zip(step.dims, full.shape[1:]):
+            # a token axis spanning the whole sequence holds this invoke's left padding;
+            # at a cached generation step the query/token axes hold only the new token
+            idx.append(slice(pad, None) if d in TOKEN_LIKE and pad and size == self.total else slice(None))
         return tuple(idx)
 
     def fire(self, step: Step, full: torch.Tensor) -> torch.Tensor:
@@ -100,7 +126,7 @@ class _Run:
             self.deltas[step.site.layer] = new - full  # type: ignore[index]
         if step.absorbs_delta and step.site.layer in self.deltas:
             new = new + self.deltas.pop(step.site.layer)  # type: ignore[arg-type]
-        if step.stop:
+        if step.stop and not self.generating:
             raise _StopForward
         return new
 
@@ -153,11 +179,28 @@ def _install(step: Step, module: torch.nn.Module, run: _Run, n_heads: int) -> An
     return module.register_forward_pre_hook(on_input, with_kwargs=True)
 
 
-def execute(plan: Plan, model: OculiModel, *, grad: bool = False) -> dict[str, Any]:
-    """Run ``plan`` in one forward pass of ``model``; returns the saved values by name."""
-    run = _Run(plan)
+def _sequence_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Length of the whole sequence a forward call sees (cached tokens included)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int(mask.shape[-1])
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    return int(ids.shape[-1]) + int(past)  # type: ignore[union-attr]
+
+
+def execute(plan: Plan, model: OculiModel, *, grad: bool = False,
+            generate: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """Run ``plan`` in one forward pass of ``model`` (or one ``generate`` call).
+
+    Returns the saved values by name (for generation: a list of ``(step, value)`` per name)
+    and the output of ``generate`` (None for a trace).
+    """
+    run = _Run(plan, generating=generate is not None)
     handles = []
     routes: dict[torch.nn.Module, dict[str, Step]] = {}
+    output = None
     try:
         for step in plan.steps:
             module = model.hf.get_submodule(step.module)
@@ -165,13 +208,23 @@ def execute(plan: Plan, model: OculiModel, *, grad: bool = False) -> dict[str, A
                 routes.setdefault(module, {})[step.field] = step  # type: ignore[index]
             else:
                 handles.append(_install(step, module, run, model.info.n_heads))
+        if generate is not None:
+            calls = iter(range(1 << 30))
+
+            def next_step(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                run.start_step(next(calls), _sequence_length(args, kwargs))
+
+            handles.insert(0, model.hf.register_forward_pre_hook(next_step, with_kwargs=True, prepend=True))
         router = attention.AttentionRouter(model.hf, routes, run.fire) if routes else nullcontext()
         with torch.set_grad_enabled(grad), router:
-            run.run_nodes(plan.prelude)
-            try:
-                model.hf(**plan.batch.model_kwargs(model.device), use_cache=False)
-            except _StopForward:
-                pass
+            run.start_prelude()
+            if generate is not None:
+                output = model.hf.generate(**plan.batch.generate_kwargs(model.device), **generate)
+            else:
+                try:
+                    model.hf(**plan.batch.model_kwargs(model.device), use_cache=False)
+                except _StopForward:
+                    pass
     except OculiError:
         raise
     except Exception as err:
@@ -179,10 +232,10 @@ def execute(plan: Plan, model: OculiModel, *, grad: bool = False) -> dict[str, A
     finally:
         for handle in handles:
             handle.remove()
-    missing = [s.name for s in plan.saves if s.name not in run.saved]
+    missing = [s.name for s in plan.saves if s.name not in run.saved and not s.node.meta.get("steps")]
     if missing:
         raise ExecutionError(
             f"The forward pass ended before these saved values were computed: {', '.join(missing)}. "
             "Their sites did not run (does the model skip them?)."
         )
-    return run.saved
+    return run.saved, output

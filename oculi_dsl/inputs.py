@@ -57,6 +57,12 @@ class Batch:
         return kwargs
 
 
+    def generate_kwargs(self, device: torch.device) -> dict[str, Any]:
+        """Inputs for ``generate``, which derives positions from the mask itself."""
+        mask = self.attention_mask if self.attention_mask is not None else torch.ones_like(self.input_ids)
+        return {"input_ids": self.input_ids.to(device), "attention_mask": mask.to(device)}
+
+
 def encode(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], list[str], bool]:
     """Token ids of one invoke's prompt(s); returns (ids per prompt, texts, single)."""
     if isinstance(prompt, torch.Tensor):

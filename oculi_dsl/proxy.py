@@ -8,9 +8,11 @@ executed. :class:`OculiProxy` adds what researchers need on top of ``torch.fx.Pr
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,9 +93,13 @@ class OculiProxy(torch.fx.Proxy):
     def __setitem__(self, index: Any, value: Any) -> None:
         self.tracer.check_open("slice assignment")
         new = self.tracer.create_proxy("call_function", _ops.setitem, (self, index, value), {})
+        binding = self._binding
+        if binding is not None and binding.stacked:
+            # edit each layer from its own value: the stack exists only after the last layer
+            self.tracer.edit_each(binding, lambda part, i: _setitem_layer(part, i, index, value, binding))
+        elif binding is not None:
+            self.tracer.write_back(binding, new.node)
         self.node = new.node
-        if self._binding is not None:
-            self.tracer.write_back(self._binding, new.node)
 
     # -- Python control flow is refused, never guessed ------------------------------------
     def __bool__(self) -> bool:
@@ -133,6 +139,7 @@ class Recorder(TracerBase):
         self.current: dict[SiteKey, torch.fx.Node] = {}
         self.saves: list[tuple[str, torch.fx.Node]] = []
         self.closed = False
+        self.step_filter: frozenset[int] | None = None
         self.info: Any = None  # ModelInfo of the traced model, for checks made while recording
         self.results: dict[str, Any] | None = None
         self._const_ids: dict[int, str] = {}
@@ -150,7 +157,18 @@ class Recorder(TracerBase):
             )
         node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["source"] = _user_source()
+        if self.step_filter is not None:
+            node.meta["steps"] = self.step_filter
         return node
+
+    @contextmanager
+    def only_steps(self, steps: frozenset[int]) -> Iterator[None]:
+        """Edits and saves recorded inside apply only at these generation steps."""
+        previous, self.step_filter = self.step_filter, steps
+        try:
+            yield
+        finally:
+            self.step_filter = previous
 
     def proxy(self, node: torch.fx.Node) -> OculiProxy:  # type: ignore[override]
         return OculiProxy(node, self)
@@ -220,11 +238,26 @@ class Recorder(TracerBase):
         """Record ``site = value`` (a swap): downstream of this site, ``value`` flows on."""
         self.check_open("an assignment")
         old = self.read(key)
+        if layer_pos is not None and layer_part(value, *layer_pos) is not value:
+            value, layer_pos = layer_part(value, *layer_pos), None
         if layer_pos is None:
             new = self.create_proxy("call_function", _ops.assign, (old, value), {})
         else:
             new = self.create_proxy("call_function", _ops.assign_layer, (old, value, *layer_pos), {})
         self.current[key] = new.node
+
+    def edit_each(self, binding: SiteBinding, make: Any) -> None:
+        """Edit every layer of a binding: ``make(part, i)`` builds layer i's new part."""
+        for i, key in enumerate(binding.keys):
+            part = self.read(key)
+            if binding.index is not None:
+                part = self.create_proxy("call_function", operator.getitem, (part, binding.index), {})
+            new = make(part, i)
+            if new is None:
+                continue
+            if binding.index is not None:
+                new = self.create_proxy("call_function", _ops.setitem, (self.read(key), binding.index, new), {})
+            self.current[key] = new.node
 
     def write_back(self, binding: SiteBinding, node: torch.fx.Node) -> None:
         """Make ``node`` the site's value from here on (per layer for a layer selection)."""
@@ -258,6 +291,44 @@ class Recorder(TracerBase):
                 "Call `.save()` on it inside the `with` block."
             )
         return self.results[name]
+
+
+def layer_part(value: Any, i: int, n: int) -> Any:
+    """Layer i's part of a value that holds one entry per layer of an n-layer selection.
+
+    A proxy read over the same number of layers gives that layer's own value (so nothing waits
+    for the whole stack); anything else is returned unchanged (broadcast to every layer).
+    """
+    binding = getattr(value, "_binding", None) if isinstance(value, OculiProxy) else None
+    if binding is None or not binding.stacked or len(binding.keys) != n:
+        return value
+    part = value.tracer.read(binding.keys[i])
+    if binding.index is not None:
+        return value.tracer.create_proxy("call_function", operator.getitem, (part, binding.index), {})
+    return part
+
+
+def _setitem_layer(part: OculiProxy, i: int, index: Any, value: Any, binding: SiteBinding) -> Any:
+    """``stack[index] = value`` restricted to layer i; None when the index skips that layer."""
+    items = index if isinstance(index, tuple) else (index,)
+    n = len(binding.keys)
+    if items and items[0] is Ellipsis:
+        rest = items  # the ellipsis absorbs the layer dim: same index on each layer
+    else:
+        first, rest = items[0], items[1:]
+        chosen = range(n)[first] if isinstance(first, slice) else None
+        if isinstance(first, int) and not isinstance(first, bool):
+            if first % n != i:
+                return None
+        elif chosen is None:
+            raise RecordError(
+                "Slice assignment on a layer selection needs a leading int, slice or `...` "
+                f"(the layer dim), got {index!r}. Example: `t.layers[:].mlp.out[..., 4, :] = 0`."
+            )
+        elif i not in chosen:
+            return None
+    value = layer_part(value, i, n)
+    return part.tracer.create_proxy("call_function", _ops.setitem, (part, rest if rest else slice(None), value), {})
 
 
 def _default_name(node: torch.fx.Node) -> str:

@@ -27,7 +27,7 @@ from . import inputs
 from .errors import RecordError, SiteError, did_you_mean
 from .models import OculiModel, wrap
 from . import _ops
-from .proxy import OculiProxy, Recorder, SiteBinding, SiteKey
+from .proxy import OculiProxy, Recorder, SiteBinding, SiteKey, layer_part
 from .sites import SiteRef, layer_site, model_site
 
 if TYPE_CHECKING:
@@ -220,10 +220,11 @@ class HeadList:
         return OculiProxy(part.node, recorder, binding)
 
     def __setitem__(self, head: int, value: Any) -> None:
-        part = self[head]
-        recorder = part.tracer
-        new = recorder.create_proxy("call_function", _ops.assign, (part, value), {})
-        recorder.write_back(part._binding, new.node)  # type: ignore[arg-type]
+        head_proxy = self[head]
+        recorder = head_proxy.tracer
+        n = len(head_proxy._binding.keys)  # type: ignore[union-attr]
+        recorder.edit_each(head_proxy._binding, lambda part, i: recorder.create_proxy(  # type: ignore[arg-type]
+            "call_function", _ops.assign, (part, layer_part(value, i, n)), {}))
 
     def __len__(self) -> int:
         return int(self._view._invoke._trace.model.info.n_heads)
@@ -319,7 +320,7 @@ class Trace:
             raise RecordError("The trace has no prompt: pass one to oculi.trace() or call t.invoke().")
         self._plan = compile_plan(self._recorder, self.model, [i._encoded for i in self._invokes],
                                   stop_early=self._stop_early)
-        self._saved = execute(self._plan, self.model, grad=self._grad)
+        self._saved, _ = execute(self._plan, self.model, grad=self._grad)
         self._recorder.results = self._saved
         return False
 
