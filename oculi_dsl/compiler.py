@@ -128,7 +128,7 @@ def _steps(recorder: Recorder, model: OculiModel, sites: dict[SiteKey, _Site],
     located = {key[1]: loc for key, loc in sites.items()}
     for site, entry in list(by_site.items()):
         if entry["writes"] and located[site].residual_delta:
-            post = SiteRef.layer("resid_post", site.layer)  # type: ignore[arg-type]
+            post = SiteRef.at_layer("resid_post", site.layer)  # type: ignore[arg-type]
             located.setdefault(post, _Site(post, model))
             by_site[post]["absorbs"] = True  # type: ignore[assignment]
     stop_site = _stop_site(by_site, located, model) if stop_early else None
@@ -159,7 +159,7 @@ def _stop_site(by_site: dict[SiteRef, Any], located: dict[SiteRef, _Site], model
     if order[0] >= model.info.n_layers or order[0] < 0:
         return None  # nothing left to skip worth a hook
     if site.kind == "module":
-        return SiteRef.layer("resid_post", order[0])
+        return SiteRef.at_layer("resid_post", order[0])
     return site
 
 

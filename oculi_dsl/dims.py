@@ -47,12 +47,19 @@ def site_labels(dims: Sequence[str], sizes: dict[str, int], prefix: Labels = ())
 def propagate(fn: Any, args: Sequence[Any], kwargs: dict[str, Any], arg_labels: Sequence[Any],
               out: Any) -> Labels | None:
     """Labels of ``fn(*args)`` from its inputs' labels; ``out`` is the meta result."""
-    if not isinstance(out, torch.Tensor):
-        return None
     name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
     first = arg_labels[0] if arg_labels else None
+    if isinstance(args[0] if args else None, tuple) and (
+            (fn is getattr and args[1] in ("values", "indices")) or fn is operator.getitem):
+        return first  # one field of (values, indices): the pair carries the labels
+    if isinstance(out, tuple) and out and all(isinstance(o, torch.Tensor) for o in out):
+        out = out[0]  # max/min/topk/sort with dim: label the pair by its values
+    if not isinstance(out, torch.Tensor):
+        return None
     if fn is getattr and len(args) == 2 and args[1] in ("T", "mT"):
         name = "t"
+    if fn is getattr and len(args) == 2 and args[1] in ("real", "imag", "data"):
+        return first
     if fn is operator.getitem and first is not None:
         return _index(first, args[1], out.dim())
     if name == "stack_layers":
@@ -83,7 +90,7 @@ def propagate(fn: Any, args: Sequence[Any], kwargs: dict[str, Any], arg_labels: 
             return _check(first[:-1] + (other[-1],), out)
         return None
     # Elementwise and shape-preserving ops: take the labels of an input of the output's shape.
-    for labels, arg in zip(arg_labels, args):
+    for labels, arg in zip(arg_labels, args, strict=False):
         if labels is not None and isinstance(arg, torch.Tensor) and arg.shape == out.shape:
             return labels
     if name in _SAME_SHAPE_FIRST and first is not None and len(first) == out.dim():

@@ -9,7 +9,7 @@ success and on error, so the model is left exactly as it was.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import torch
@@ -97,7 +97,7 @@ class _Run:
             return None
         pad = self.length - seg.length
         idx: list[Any] = [seg.rows]
-        for d, size in zip(step.dims, full.shape[1:]):
+        for d, size in zip(step.dims, full.shape[1:], strict=False):
             # a token axis spanning the whole sequence holds this invoke's left padding;
             # at a cached generation step the query/token axes hold only the new token
             idx.append(slice(pad, None) if d in TOKEN_LIKE and pad and size == self.total else slice(None))
@@ -221,10 +221,8 @@ def execute(plan: Plan, model: OculiModel, *, grad: bool = False,
             if generate is not None:
                 output = model.hf.generate(**plan.batch.generate_kwargs(model.device), **generate)
             else:
-                try:
+                with suppress(_StopForward):
                     model.hf(**plan.batch.model_kwargs(model.device), use_cache=False)
-                except _StopForward:
-                    pass
     except OculiError:
         raise
     except Exception as err:

@@ -165,12 +165,12 @@ def _on_positions(save: Save, entries: list[tuple[int, Any]], plan: Plan, n_new:
             "for the newest token."
         )
     total = seg.length + n_new
-    shape = [total if a.name in TOKEN_LIKE else n for a, n in zip(labels, first.shape)]
+    shape = [total if a.name in TOKEN_LIKE else n for a, n in zip(labels, first.shape, strict=False)]
     out = torch.full((len(entries), *shape), float("nan"), dtype=torch.float32 if not first.is_floating_point() else first.dtype)
     for i, (step, value) in enumerate(entries):
         value = torch.as_tensor(value)
         index: list[Any] = [i]
-        for axis, size in zip(labels, value.shape):
+        for axis, size in zip(labels, value.shape, strict=False):
             if axis.name in TOKEN_LIKE and axis.name != "key" and step > 0:
                 start = seg.length + step - 1  # the token this cached step computes
             else:

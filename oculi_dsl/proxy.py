@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -121,12 +121,43 @@ class OculiProxy(torch.fx.Proxy):
             "(`x[0]`, `x[:, 3]`) or use a torch op such as `x.unbind(0)` on a saved value."
         )
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_binding":
+            raise AttributeError(name)
+        return _Attribute(self, name)
+
     def __repr__(self) -> str:
         return f"OculiProxy({self._describe()})"
 
     def _describe(self) -> str:
         site = self.node.meta.get("site_label")
         return f"proxy '{self.node.name}'" + (f" ({site})" if site else "")
+
+
+class _Attribute(OculiProxy):
+    """``proxy.name``: a method about to be called (``x.softmax(-1)``) or an attribute value
+    (``x.shape``, ``topk(...).values``); the getattr node is created only when used as a value."""
+
+    def __init__(self, root: OculiProxy, attr: str):
+        object.__setattr__(self, "root", root)
+        object.__setattr__(self, "attr", attr)
+        object.__setattr__(self, "tracer", root.tracer)
+        object.__setattr__(self, "_binding", None)
+        object.__setattr__(self, "_node", None)
+
+    @property  # type: ignore[override]
+    def node(self) -> torch.fx.Node:
+        if self._node is None:
+            proxy = self.tracer.create_proxy("call_function", getattr, (self.root, self.attr), {})
+            object.__setattr__(self, "_node", proxy.node)
+        return self._node  # type: ignore[return-value]
+
+    @node.setter
+    def node(self, value: torch.fx.Node) -> None:
+        object.__setattr__(self, "_node", value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> OculiProxy:
+        return self.tracer.create_proxy("call_method", self.attr, (self.root, *args), kwargs)  # type: ignore[return-value]
 
 
 class Recorder(TracerBase):

@@ -72,12 +72,12 @@ def _variable(save: Save, value: Any, plan: Plan) -> tuple[tuple[str, ...], np.n
     data, attrs = to_numpy(value)
     labels = save.labels
     if labels is None or len(labels) != data.ndim or any(
-            a.index is not None and len(a.index) != n for a, n in zip(labels, data.shape)):
+            a.index is not None and len(a.index) != n for a, n in zip(labels, data.shape, strict=False)):
         labels = tuple(Axis(f"{save.name}_dim{i}") for i in range(data.ndim))
     seg = plan.batch.segments[save.invoke] if save.invoke is not None else None
     dims = tuple(a.name if a.name != "new" else f"{save.name}_new{i}" for i, a in enumerate(labels))
     coords: dict[str, Any] = {}
-    for axis, dim in zip(labels, dims):
+    for axis, dim in zip(labels, dims, strict=False):
         coords.update(_axis_coords(axis, dim, seg, labels))
     attrs.update(sites=", ".join(save.sites), invoke=-1 if save.invoke is None else save.invoke)
     return dims, data, coords, attrs
@@ -120,7 +120,7 @@ def to_dataset(plan: Plan, saved: dict[str, Any], model: OculiModel, graph: str)
     variables, all_coords = {}, {}
     for save in plan.saves:
         dims, data, coords, attrs = _variable(save, saved[save.name], plan)
-        for dim, size in zip(dims, data.shape):
+        for dim, size in zip(dims, data.shape, strict=False):
             sig = _signature(dim, size, coords)
             if seen.setdefault(dim, sig) != sig:
                 dims, coords = _rename(dims, coords, dim, save.name)

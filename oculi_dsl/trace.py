@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import xarray as xr
 
-from . import inputs
+from . import _ops, inputs
 from .errors import RecordError, SiteError, did_you_mean
 from .models import OculiModel, wrap
-from . import _ops
 from .proxy import OculiProxy, Recorder, SiteBinding, SiteKey, layer_part
 from .sites import SiteRef, layer_site, model_site
 
@@ -123,7 +122,7 @@ class LayerList:
 
     def __getitem__(self, index: int | slice | Sequence[int]) -> LayerView:
         n = len(self)
-        if isinstance(index, bool) or isinstance(index, (torch.Tensor, OculiProxy)):
+        if isinstance(index, (bool, torch.Tensor, OculiProxy)):
             raise SiteError(f"Layer index must be an int, slice or list of ints, got {type(index).__name__}.")
         if isinstance(index, int):
             return LayerView(self._invoke, (self._check(index, n),), stacked=False)
@@ -170,7 +169,7 @@ class LayerView:
         return full
 
     def _keys(self, name: str) -> tuple[SiteKey, ...]:
-        return tuple(self._invoke._key(SiteRef.layer(name, layer)) for layer in self._layers)
+        return tuple(self._invoke._key(SiteRef.at_layer(name, layer)) for layer in self._layers)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):

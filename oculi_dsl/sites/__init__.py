@@ -5,7 +5,7 @@ each family file (``llama.py``, ``gemma3.py``, ``gpt2.py``) is one declarative t
 onto the modules of that architecture. This package only names and resolves; it runs nothing.
 
 >>> from oculi_dsl.sites import SiteRef
->>> SiteRef.layer("mlp.out", 3).label
+>>> SiteRef.at_layer("mlp.out", 3).label
 'layers[3].mlp.out'
 """
 
@@ -53,7 +53,7 @@ class SiteRef:
     where: str = "output"
 
     @classmethod
-    def layer(cls, name: str, layer: int) -> SiteRef:
+    def at_layer(cls, name: str, layer: int) -> SiteRef:
         return cls("layer", name, layer)
 
     @property
