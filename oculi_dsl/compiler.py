@@ -47,7 +47,9 @@ class _Site:
             self.module, self.where, self.field, self.dims = spec.module, spec.where, spec.field, spec.dims
             self.order = {"embed": (-1, 0.0), "final_norm": (n_layers, 0.0)}.get(site.name, (n_layers, 1.0))
         else:
-            self.module, self.where, self.field, self.dims = site.name, site.where, None, None
+            self.module, self.field = site.name, None
+            self.where = site.where  # type: ignore[assignment]
+            self.dims = None  # type: ignore[assignment]
             self.order = _module_order(site.name, family.layers, n_layers, model)
 
 

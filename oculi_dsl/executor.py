@@ -87,7 +87,7 @@ class _Run:
             self.env[node] = value
             if node.target is _ops.save:
                 if self.generating:
-                    self.saved.setdefault(node.args[1], []).append((self.step, value))  # type: ignore[union-attr]
+                    self.saved.setdefault(str(node.args[1]), []).append((self.step, value))
                 else:
                     self.saved[node.args[1]] = value  # type: ignore[index]
 
@@ -151,7 +151,7 @@ def _replace_output(output: Any, field: str | None, value: torch.Tensor) -> Any:
 def _install(step: Step, module: torch.nn.Module, run: _Run, n_heads: int) -> Any:
     if step.where == "result":
         def on_projection(mod: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-            full = attention.result(args[0], mod.weight, n_heads, step.field or "linear")
+            full = attention.result(args[0], mod.weight, n_heads, step.field or "linear")  # type: ignore[arg-type]
             new = run.fire(step, full)
             if new is full:
                 return None
@@ -219,7 +219,7 @@ def execute(plan: Plan, model: OculiModel, *, grad: bool = False,
         with torch.set_grad_enabled(grad), router:
             run.start_prelude()
             if generate is not None:
-                output = model.hf.generate(**plan.batch.generate_kwargs(model.device), **generate)
+                output = model.hf.generate(**plan.batch.generate_kwargs(model.device), **generate)  # type: ignore[operator]
             else:
                 with suppress(_StopForward):
                     model.hf(**plan.batch.model_kwargs(model.device), use_cache=False)

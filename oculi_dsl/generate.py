@@ -19,7 +19,7 @@ positions, NaN where a step did not compute that position.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import xarray as xr
@@ -43,7 +43,7 @@ class StepSelector:
         elif isinstance(index, int) and not isinstance(index, bool):
             chosen = (range(n)[index],) if -n <= index < n else ()
         else:
-            chosen = tuple(int(i) for i in index)
+            chosen = tuple(int(i) for i in index)  # type: ignore[union-attr]
         if not chosen or any(not 0 <= s < n for s in chosen):
             raise RecordError(f"Step selection {index!r} is outside this generation's steps 0..{n - 1} "
                               f"(max_new_tokens={n}; step 0 reads the prompt).")
@@ -65,7 +65,7 @@ class Generate(Trace):
     def steps(self) -> StepSelector:
         return StepSelector(self)
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         self._recorder.closed = True
         if exc_type is not None:
             return False

@@ -67,24 +67,26 @@ def encode(tokenizer: Any, prompt: Prompt | Sequence[Prompt]) -> tuple[list[list
     """Token ids of one invoke's prompt(s); returns (ids per prompt, texts, single)."""
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() == 1:
-            ids = [prompt.tolist()]
+            rows: list[list[int]] = [prompt.tolist()]
             single = True
         elif prompt.dim() == 2:
-            ids = prompt.tolist()
+            rows = prompt.tolist()
             single = False
         else:
             raise RecordError(f"Token ids must be 1-D or 2-D, got shape {tuple(prompt.shape)}.")
-        return ids, [_decode(tokenizer, i) for i in ids], single
+        return rows, [_decode(tokenizer, r) for r in rows], single
     if isinstance(prompt, str):
         return [_tokenize(tokenizer, prompt)], [prompt], True
     items = list(prompt)
     if not items:
         raise RecordError("An empty list of prompts was given; pass at least one prompt.")
     if all(isinstance(i, int) for i in items):
-        return [list(items)], [_decode(tokenizer, items)], True
-    ids, texts = [], []
+        flat = [int(i) for i in items]  # type: ignore[arg-type]
+        return [flat], [_decode(tokenizer, flat)], True
+    ids: list[list[int]] = []
+    texts: list[str] = []
     for item in items:
-        sub_ids, sub_texts, _ = encode(tokenizer, item)
+        sub_ids, sub_texts, _ = encode(tokenizer, item)  # type: ignore[arg-type]
         if len(sub_ids) != 1:
             raise RecordError("Nested prompt lists are not supported; give a flat list of prompts.")
         ids += sub_ids
@@ -119,7 +121,7 @@ def build_batch(
     tokenizer: Any, invokes: Sequence[tuple[list[list[int]], list[str], bool]], pad_id: int
 ) -> Batch:
     """Left-pad every invoke's prompts into one batch."""
-    rows = [ids for ids, _, _ in invokes for ids in ids]
+    rows = [row for ids, _, _ in invokes for row in ids]
     length = max(len(r) for r in rows)
     padded = any(len(r) != length for r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

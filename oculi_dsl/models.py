@@ -61,8 +61,8 @@ def _config_value(config: Any, keys: tuple[str, ...], default: Any = None) -> An
 
 
 def _read_info(hf_model: torch.nn.Module, family: Family, model_id: str) -> ModelInfo:
-    config = hf_model.config
-    text = getattr(config, "text_config", None) or config
+    config: Any = hf_model.config
+    text: Any = getattr(config, "text_config", None) or config
     d_model = int(text.hidden_size)
     n_heads = int(text.num_attention_heads)
     n_kv = int(_config_value(text, ("num_key_value_heads",), n_heads))
@@ -111,7 +111,7 @@ class OculiModel:
         self.family = family_for(hf_model.config)
         name = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.info = _read_info(hf_model, self.family, str(name))
-        self.layers: list[torch.nn.Module] = list(hf_model.get_submodule(self.family.layers))
+        self.layers: list[torch.nn.Module] = list(hf_model.get_submodule(self.family.layers))  # type: ignore[call-overload]
 
     def __repr__(self) -> str:
         i = self.info

@@ -280,7 +280,7 @@ class Recorder(TracerBase):
     def edit_each(self, binding: SiteBinding, make: Any) -> None:
         """Edit every layer of a binding: ``make(part, i)`` builds layer i's new part."""
         for i, key in enumerate(binding.keys):
-            part = self.read(key)
+            part: Any = self.read(key)
             if binding.index is not None:
                 part = self.create_proxy("call_function", operator.getitem, (part, binding.index), {})
             new = make(part, i)
@@ -293,7 +293,7 @@ class Recorder(TracerBase):
     def write_back(self, binding: SiteBinding, node: torch.fx.Node) -> None:
         """Make ``node`` the site's value from here on (per layer for a layer selection)."""
         for i, key in enumerate(binding.keys):
-            part = self.proxy(node)
+            part: Any = self.proxy(node)
             if binding.stacked:
                 part = self.create_proxy("call_function", _ops.select_layer, (part, i), {})
             if binding.index is not None:

@@ -27,9 +27,9 @@ from .plan import Plan, Save
 _INDEXED = ("layer", "head", "kv_head", "prompt", "step", "component")
 
 
-def to_numpy(value: Any) -> tuple[np.ndarray, dict[str, str]]:
+def to_numpy(value: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """A saved value as numpy, plus attrs noting a dtype numpy cannot hold."""
-    attrs: dict[str, str] = {}
+    attrs: dict[str, Any] = {}
     if isinstance(value, torch.Tensor):
         value = value.detach()
         attrs["dtype"] = str(value.dtype).removeprefix("torch.")
@@ -79,7 +79,8 @@ def _variable(save: Save, value: Any, plan: Plan) -> tuple[tuple[str, ...], np.n
     coords: dict[str, Any] = {}
     for axis, dim in zip(labels, dims, strict=False):
         coords.update(_axis_coords(axis, dim, seg, labels))
-    attrs.update(sites=", ".join(save.sites), invoke=-1 if save.invoke is None else save.invoke)
+    attrs["sites"] = ", ".join(save.sites)
+    attrs["invoke"] = -1 if save.invoke is None else save.invoke
     return dims, data, coords, attrs
 
 

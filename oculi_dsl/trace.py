@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import xarray as xr
@@ -232,6 +232,9 @@ class HeadList:
 class ModuleView:
     """``t.module(path)``: the module's first input / its output, for the whole batch."""
 
+    _invoke: Invoke
+    _path: str
+
     def __init__(self, invoke: Invoke, path: str):
         object.__setattr__(self, "_invoke", invoke)
         object.__setattr__(self, "_path", path)
@@ -308,7 +311,7 @@ class Trace:
     def __enter__(self) -> Trace:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         self._recorder.closed = True
         if exc_type is not None:
             return False  # the user's exception propagates unchanged; nothing runs
