@@ -105,6 +105,9 @@ class _Run:
 
     def fire(self, step: Step, full: torch.Tensor) -> torch.Tensor:
         segments = self.plan.batch.segments
+        if step.absorbs_delta and step.site.layer in self.deltas:
+            # an edit of resid_mid reaches the layer output before anything reads it there
+            full = full + self.deltas.pop(step.site.layer)  # type: ignore[arg-type]
         for invoke, node in step.reads:
             idx = self.view_index(step, segments[invoke], full)
             self.env[node] = full if idx is None else full[idx]
@@ -124,8 +127,6 @@ class _Run:
                 new[idx] = value
         if step.residual_delta:
             self.deltas[step.site.layer] = new - full  # type: ignore[index]
-        if step.absorbs_delta and step.site.layer in self.deltas:
-            new = new + self.deltas.pop(step.site.layer)  # type: ignore[arg-type]
         if step.stop and not self.generating:
             raise _StopForward
         return new

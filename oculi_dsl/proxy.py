@@ -179,13 +179,7 @@ class Recorder(TracerBase):
     # -- torch.fx hooks ---------------------------------------------------------------------
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         self.check_open(f"'{target if isinstance(target, str) else getattr(target, '__name__', target)}'")
-        if kind == "call_method" and isinstance(target, str) and target.endswith("_") \
-                and not target.startswith("_"):
-            raise RecordError(
-                f"In-place method '.{target}()' is not allowed on a traced value: it would "
-                f"change the model's own tensor. Use '.{target[:-1]}()' and assign the result "
-                "(`t.layers[i].mlp.out = x.{0}(...)`) or slice assignment (`x[4] = 0`).".format(target[:-1])
-            )
+        _refuse_in_place(kind, target, kwargs)
         node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["source"] = _user_source()
         if self.step_filter is not None:
@@ -322,6 +316,32 @@ class Recorder(TracerBase):
                 "Call `.save()` on it inside the `with` block."
             )
         return self.results[name]
+
+
+_OUT_OF_PLACE = {"zero_": "torch.zeros_like(x)", "fill_": "torch.full_like(x, value)",
+                 "copy_": "assignment: `t.layers[i].mlp.out = value`", "normal_": "x + noise",
+                 "uniform_": "x + noise", "set_": "assignment"}
+
+
+def _refuse_in_place(kind: str, target: Any, kwargs: dict[str, Any]) -> None:
+    """In-place ops would change the model's live tensor behind the recorded graph."""
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    in_place = name.endswith("_") and not name.startswith("_") or kwargs.get("inplace") is True \
+        or "out" in kwargs
+    if not in_place:
+        return
+    what = f"'.{name}()'" if kind == "call_method" else f"'{name}' with inplace=True/out=" \
+        if not name.endswith("_") else f"'torch.{name}'"
+    if name in _OUT_OF_PLACE:
+        advice = f"use {_OUT_OF_PLACE[name]}"
+    elif hasattr(torch.Tensor, name[:-1]) and name.endswith("_"):
+        advice = f"use '.{name[:-1]}()' and assign the result (`t.layers[i].mlp.out = x.{name[:-1]}(...)`)"
+    else:
+        advice = "use the out-of-place form and assign the result"
+    raise RecordError(
+        f"In-place operation {what} is not allowed on a traced value: it would change the model's "
+        f"own tensor. Instead {advice}, or use slice assignment (`x[4] = 0`)."
+    )
 
 
 def layer_part(value: Any, i: int, n: int) -> Any:
