@@ -21,8 +21,16 @@ def save(value: Any, name: str) -> Any:
     return value
 
 
-def stack_layers(*values: torch.Tensor) -> torch.Tensor:
-    """Stack one site's values over a layer selection on a new leading ``layer`` dim."""
+def stack_layers(*values: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """Stack one site's values over a layer selection on a new leading ``layer`` dim.
+
+    During cached generation a sliding-window layer holds fewer keys than a global one; the
+    shorter last axes are left-padded with ``fill`` (0 for patterns, -inf for scores: exactly
+    what those positions hold when the window hides them).
+    """
+    width = max(v.shape[-1] for v in values)
+    if any(v.shape[-1] != width for v in values):
+        values = tuple(torch.nn.functional.pad(v, (width - v.shape[-1], 0), value=fill) for v in values)
     return torch.stack(values)
 
 

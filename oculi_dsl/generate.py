@@ -171,10 +171,9 @@ def _on_positions(save: Save, entries: list[tuple[int, Any]], plan: Plan, n_new:
         value = torch.as_tensor(value)
         index: list[Any] = [i]
         for axis, size in zip(labels, value.shape, strict=False):
-            if axis.name in TOKEN_LIKE and axis.name != "key" and step > 0:
-                start = seg.length + step - 1  # the token this cached step computes
-            else:
-                start = 0
+            # a token axis at step s holds the latest `size` positions of the sequence so far:
+            # the whole prompt (step 0), the one new token, or the (windowed) cached keys
+            start = seg.length + step - size
             index.append(slice(start, start + size) if axis.name in TOKEN_LIKE else slice(None))
         out[tuple(index)] = value.to(out.dtype)
     new_labels = tuple(Axis(a.name, tuple(range(total))) if a.name in TOKEN_LIKE else a for a in labels)

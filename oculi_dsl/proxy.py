@@ -253,7 +253,8 @@ class Recorder(TracerBase):
 
     def read_stacked(self, keys: tuple[SiteKey, ...]) -> OculiProxy:
         parts = [self.read(k) for k in keys]
-        stacked = self.create_proxy("call_function", _ops.stack_layers, tuple(parts), {})
+        fill = {"attn.pattern": 0.0, "attn.scores": float("-inf")}.get(keys[0][1].name, float("nan"))
+        stacked = self.create_proxy("call_function", _ops.stack_layers, tuple(parts), {"fill": fill})
         stacked.node.meta["layers"] = tuple(k[1].layer for k in keys)
         stacked.node.meta["site_label"] = f"layers[{keys[0][1].layer}..{keys[-1][1].layer}]." \
                                           f"{keys[0][1].name}"

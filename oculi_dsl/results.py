@@ -57,6 +57,9 @@ def _axis_coords(axis: Axis, dim: str, seg: Segment | None, axes: tuple[Axis, ..
                 pdim = "prompt"
                 table = [[seg.token_strs[p][i] for i in axis.index] for p in prompt_axis.index]
                 coords[f"{axis.name}_str"] = ((pdim, dim), table)
+                # left padding: False where a prompt has no token at that position
+                pad = [seg.length - len(seg.token_ids[p]) for p in prompt_axis.index]
+                coords[f"{axis.name}_mask"] = ((pdim, dim), [[i >= n for i in axis.index] for n in pad])
     elif axis.name in _INDEXED or len(axis.index) < _full_size(axis):
         coords[dim] = np.asarray(axis.index)
         if axis.name == "prompt" and seg is not None:
