@@ -116,9 +116,6 @@ def _register_recipe_commands() -> None:
 
 
 # Modules that define more subcommands with @command (one line each).
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = ["oculi_dsl._cli_heads"]
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 

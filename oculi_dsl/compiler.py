@@ -85,10 +85,33 @@ def compile_plan(recorder: Recorder, model: OculiModel,
     steps, stop = _steps(recorder, model, sites, writes, needed, ready, stop_early)
     prelude = tuple(n for n in recorder.graph.nodes if n in needed and ready[n] == PRELUDE)
     saves = tuple(
-        Save(name, node, _invoke_of(node.args[0]), labels.get(node), _site_labels(node.args[0]))
+        Save(name, node, _invoke_of(node.args[0]), _named(node, labels.get(node), meta.get(node)),
+             _site_labels(node.args[0]))
         for name, node in recorder.saves
     )
     return Plan(recorder.graph, dict(recorder.constants), batch, steps, prelude, saves, stop, meta)
+
+
+def _named(node: torch.fx.Node, labels: Labels | None, value: Any) -> Labels | None:
+    """Labels of a save, with the names given by ``.save(dims=...)`` taking precedence."""
+    names = node.meta.get("dims")
+    if names is None:
+        return labels
+    if isinstance(value, torch.Tensor) and len(names) != value.dim():
+        raise CompileError(
+            f"save('{node.args[1]}', dims={names}) names {len(names)} dims but the value has "
+            f"{value.dim()} (shape {tuple(value.shape)}) (at {node.meta.get('source')})."
+        )
+    out = []
+    for i, name in enumerate(names):
+        known = labels[i] if labels is not None and i < len(labels) else None
+        if known is not None and known.name == name:
+            out.append(known)
+        elif name in ("layer", "head", "kv_head", "prompt", "step") and isinstance(value, torch.Tensor):
+            out.append(Axis(name, tuple(range(value.shape[i]))))
+        else:
+            out.append(Axis(name))
+    return tuple(out)
 
 
 def _where(key: SiteKey) -> str:

@@ -64,9 +64,13 @@ class OculiProxy(torch.fx.Proxy):
         self._binding = binding
 
     # -- verbs ---------------------------------------------------------------------------
-    def save(self, name: str | None = None) -> OculiProxy:
-        """Keep this value as read; it becomes a variable of ``t.result`` (named ``name``)."""
-        self.tracer.add_save(self, name)
+    def save(self, name: str | None = None, *, dims: tuple[str, ...] | None = None) -> OculiProxy:
+        """Keep this value as read; it becomes a variable of ``t.result`` (named ``name``).
+
+        ``dims`` names the saved value's dims where they cannot be derived from the recorded
+        operations (e.g. after ``diagonal``): ``x.save("prev", dims=("layer", "head"))``.
+        """
+        self.tracer.add_save(self, name, dims)
         return self
 
     @property
@@ -296,8 +300,10 @@ class Recorder(TracerBase):
             self.current[key] = part.node
 
     # -- saves ----------------------------------------------------------------------------
-    def add_save(self, proxy: OculiProxy, name: str | None) -> None:
+    def add_save(self, proxy: OculiProxy, name: str | None, dims: tuple[str, ...] | None = None) -> None:
         self.check_open(".save()")
+        if dims is not None and (isinstance(dims, str) or not all(isinstance(d, str) for d in dims)):
+            raise RecordError(f"dims must be a tuple of dim names, e.g. ('layer', 'head'), got {dims!r}.")
         if name is None:
             name = _default_name(proxy.node)
         if any(n == name for n, _ in self.saves):
@@ -306,6 +312,8 @@ class Recorder(TracerBase):
                 f"e.g. .save('{name}_2')."
             )
         node = self.create_node("call_function", _ops.save, (proxy.node, name), {}, name=f"save_{name}")
+        if dims is not None:
+            node.meta["dims"] = tuple(dims)
         self.saves.append((name, node))
         self._save_names[proxy.node] = name
 
