@@ -1,7 +1,7 @@
 """Reading weights for the weight-based recipes (DLA's unembedding, composition's W_QK / W_OV).
 
-Weights are read from ``model.hf`` (no hooks). What differs between families is a small table:
-the kind of norm (RMSNorm or LayerNorm), how its weight is used (γ = w, or 1 + w for Gemma),
+Weights are read from ``model.hf`` (no hooks). What differs between families is data in the
+family's site table (``model.family.weights``, a :class:`oculi_dsl.sites.WeightLayout`): the kind of norm (RMSNorm or LayerNorm), how its weight is used (γ = w, or 1 + w for Gemma),
 which module is the attention input norm, whether a post-attention norm sits between the
 output projection and the stream (Gemma 3), and how Q/K/V are stored (separate ``nn.Linear``
 or GPT-2's fused ``Conv1D``).
@@ -18,32 +18,18 @@ from typing import Any
 
 import torch
 
+from oculi_dsl.sites import WeightLayout
+
 from ._errors import RecipeError
 
-
-@dataclass(frozen=True)
-class FamilyWeights:
-    """How one family's norms and attention weights are laid out."""
-
-    norm: str  # "rms" or "layer"
-    offset: float  # γ = offset + weight (Gemma stores w and uses 1 + w)
-    input_norm: str  # attention input norm, relative to the decoder layer
-    post_attn_norm: str | None  # norm applied to the o_proj output before the residual add
-    fused_qkv: bool  # GPT-2: c_attn (Conv1D, d × 3d) and c_proj (Conv1D, d × d)
-
-
-FAMILIES: dict[str, FamilyWeights] = {
-    "llama": FamilyWeights("rms", 0.0, "input_layernorm", None, False),
-    "gemma3": FamilyWeights("rms", 1.0, "input_layernorm", "post_attention_layernorm", False),
-    "gpt2": FamilyWeights("layer", 0.0, "ln_1", None, True),
-}
+FamilyWeights = WeightLayout  # the per-family table lives with the site tables (oculi_dsl.sites)
 
 
 def family_weights(model: Any) -> FamilyWeights:
-    spec = FAMILIES.get(model.family.name)
+    spec = model.family.weights
     if spec is None:
-        raise RecipeError(f"Weight-based recipes do not know the family {model.family.name!r}. "
-                          f"Supported families: {', '.join(FAMILIES)}.")
+        raise RecipeError(f"The {model.family.name!r} site table has no weight layout, which "
+                          "weight-based recipes need. Add `weights=WeightLayout(...)` to its table.")
     return spec
 
 
@@ -116,7 +102,7 @@ def _attn(model: Any, layer: int) -> Any:
 
 def o_proj_bias(model: Any, layer: int) -> torch.Tensor | None:
     attn = _attn(model, layer)
-    proj = attn.c_proj if family_weights(model).fused_qkv else attn.o_proj
+    proj = attn.get_submodule(family_weights(model).out_proj)
     bias = getattr(proj, "bias", None)
     return bias.detach().double().cpu() if isinstance(bias, torch.Tensor) else None
 

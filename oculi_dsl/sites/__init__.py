@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ModelError, SiteError, did_you_mean
-from ._spec import Family, SiteSpec
+from ._spec import Family, SiteSpec, WeightLayout
 from .gemma3 import GEMMA3
 from .gpt2 import GPT2
 from .llama import LLAMA
 
 FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA3, GPT2)
 
-__all__ = ["FAMILIES", "Family", "SiteRef", "SiteSpec", "family_for", "layer_site", "model_site"]
+__all__ = ["FAMILIES", "Family", "SiteRef", "SiteSpec", "WeightLayout", "family_for", "layer_site",
+           "model_site"]
 
 
 def family_for(config: Any) -> Family:

@@ -37,6 +37,25 @@ class SiteSpec:
 
 
 @dataclass(frozen=True)
+class WeightLayout:
+    """How a family stores the weights that weight-based analyses read.
+
+    ``norm`` is ``"rms"`` or ``"layer"``; the norm's scale is ``offset + weight`` (Gemma stores
+    w and uses 1 + w); ``input_norm`` / ``post_attn_norm`` are paths relative to the decoder
+    layer (``post_attn_norm`` sits between the output projection and the stream, Gemma 3);
+    ``fused_qkv`` marks GPT-2's ``c_attn`` Conv1D (d × 3d) instead of separate q/k/v Linears;
+    ``out_proj`` is the attention output projection, relative to the attention module.
+    """
+
+    norm: str
+    offset: float
+    input_norm: str
+    post_attn_norm: str | None
+    fused_qkv: bool
+    out_proj: str
+
+
+@dataclass(frozen=True)
 class Family:
     """One architecture family's site table and config vocabulary."""
 
@@ -48,6 +67,7 @@ class Family:
     model_sites: dict[str, SiteSpec]
     absent: dict[str, str] = field(default_factory=dict)
     config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    weights: WeightLayout | None = None
     notes: str = ""
 
 

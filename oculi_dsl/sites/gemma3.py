@@ -8,7 +8,7 @@ scaled by sqrt(d_model) inside the embedding module, so ``embed`` is the scaled 
 
 from __future__ import annotations
 
-from ._spec import Family, SiteSpec, attention_sites
+from ._spec import Family, SiteSpec, WeightLayout, attention_sites
 
 TOKEN_MODEL = ("token", "d_model")
 TOKEN_NEURON = ("token", "neuron")
@@ -43,4 +43,5 @@ GEMMA3 = Family(
     },
     absent={"mlp.pre": "Gemma 3 MLPs are gated: use 'mlp.gate' and 'mlp.up'"},
     config_keys={"n_neurons": ("intermediate_size",)},
+    weights=WeightLayout("rms", 1.0, "input_layernorm", "post_attention_layernorm", False, "o_proj"),
 )

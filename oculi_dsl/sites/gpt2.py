@@ -7,7 +7,7 @@ embedding dropout); ``mlp.pre`` is the MLP's pre-activation, ``mlp.act`` its act
 
 from __future__ import annotations
 
-from ._spec import Family, SiteSpec, attention_sites
+from ._spec import Family, SiteSpec, WeightLayout, attention_sites
 
 TOKEN_MODEL = ("token", "d_model")
 TOKEN_NEURON = ("token", "neuron")
@@ -43,4 +43,5 @@ GPT2 = Family(
         "mlp.up": "GPT-2's MLP is not gated: use 'mlp.pre' (pre-activation) or 'mlp.act'",
     },
     config_keys={"n_neurons": ("n_inner",)},
+    weights=WeightLayout("layer", 0.0, "ln_1", None, True, "c_proj"),
 )

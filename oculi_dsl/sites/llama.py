@@ -7,7 +7,7 @@ gated SiLU MLP (``down(act(gate(x)) * up(x))``). ``resid_mid`` is the input of
 
 from __future__ import annotations
 
-from ._spec import Family, SiteSpec, attention_sites
+from ._spec import Family, SiteSpec, WeightLayout, attention_sites
 
 TOKEN_MODEL = ("token", "d_model")
 TOKEN_NEURON = ("token", "neuron")
@@ -39,4 +39,5 @@ LLAMA = Family(
     },
     absent={"mlp.pre": "Llama-family MLPs are gated: use 'mlp.gate' and 'mlp.up'"},
     config_keys={"n_neurons": ("intermediate_size",)},
+    weights=WeightLayout("rms", 0.0, "input_layernorm", None, False, "o_proj"),
 )
