@@ -24,7 +24,11 @@ class CLIError(OculiError):
 
 
 def parse_index(text: str | None, what: str) -> Any:
-    """``None``/"all" → as is; "3" → 3; "0,5,-1" → [0, 5, -1]; "10:20" → slice(10, 20)."""
+    """``None``/"all" → as is; "3" → 3; "0,5,-1" → [0, 5, -1]; "10:20" → slice(10, 20).
+
+    >>> parse_index("3", "layers"), parse_index("0,5,-1", "layers"), parse_index("10:20", "layers")
+    (3, [0, 5, -1], slice(10, 20, None))
+    """
     if text is None or text == "all":
         return text
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import OculiError
@@ -45,12 +46,14 @@ def load_model(args: argparse.Namespace) -> Any:
     return load(args.model, device=args.device)
 
 
-@command("demo", "trace the default model: save the residual stream and logits, write netCDF",
-         "example:\n  oculi-dsl demo --out demo.nc")
+@command("demo", "trace the default model, run a logit lens and a causal trace; write .nc and .png",
+         "example:\n  oculi-dsl demo --out demo.nc   # also writes demo-logit-lens.nc/.png, "
+         "demo-causal-trace.nc/.png")
 def _demo(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     add_model_args(parser)
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--out", default="oculi-demo.nc", help="netCDF file to write")
+    parser.add_argument("--subject", default="France", help="subject of the prompt for the causal trace")
 
     def run(args: argparse.Namespace) -> int:
         from .io import to_netcdf
@@ -73,6 +76,9 @@ def _demo(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
         print("residual norm at the last token, every 5th layer: "
               + ", ".join(f"L{int(layer)} {float(v):.1f}" for layer, v in zip(norms.layer[::5], norms[::5], strict=False)))
         print(f"wrote {path} ({', '.join(f'{k}{tuple(v.dims)}' for k, v in ds.data_vars.items())})")
+        from ._cli_patching import run_demo_extras
+
+        print(run_demo_extras(model, str(Path(args.out).with_suffix("")), args.prompt, args.subject))
         return 0
 
     return run
@@ -116,6 +122,6 @@ def _register_recipe_commands() -> None:
 
 
 # Modules that define more subcommands with @command (one line each).
-_COMMAND_MODULES: list[str] = ["oculi_dsl._cli_heads"]
+_COMMAND_MODULES: list[str] = ["oculi_dsl._cli_heads", "oculi_dsl._cli_patching"]
 
 
