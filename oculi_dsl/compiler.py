@@ -108,7 +108,7 @@ def _named(node: torch.fx.Node, labels: Labels | None, value: Any) -> Labels | N
         if known is not None and known.name == name:
             out.append(known)
         elif name in ("layer", "head", "kv_head", "prompt", "step") and isinstance(value, torch.Tensor):
-            out.append(Axis(name, tuple(range(value.shape[i]))))
+            out.append(Axis(name, range(value.shape[i])))
         else:
             out.append(Axis(name))
     return tuple(out)
@@ -220,7 +220,7 @@ def _site_meta(site: _Site, seg: Segment, model: OculiModel) -> tuple[torch.Tens
     if site.dims is None:
         return None, None
     sizes = dict(model.info.dim_sizes(), token=seg.length, query=seg.length, key=seg.length)
-    prefix: Labels = () if seg.single else (Axis("prompt", tuple(range(seg.stop - seg.start))),)
+    prefix: Labels = () if seg.single else (Axis("prompt", range(seg.stop - seg.start)),)
     shape = [len(prefix[0].index or ()) for _ in prefix] + [sizes[d] for d in site.dims]  # type: ignore[arg-type]
     value = torch.empty(shape, dtype=model.info.dtype, device="meta")
     return value, dims.site_labels(site.dims, sizes, prefix)
@@ -252,11 +252,13 @@ def _check_and_label(recorder: Recorder, model: OculiModel, batch: Batch, sites:
 
 
 def _parameter_labels(recorder: Recorder, model: OculiModel) -> dict[str, Labels]:
+    if not recorder.constants:
+        return {}
     known = {}
     for getter in ("get_output_embeddings", "get_input_embeddings"):
         module = getattr(model.hf, getter, lambda: None)()
         if module is not None and getattr(module, "weight", None) is not None:
-            known[id(module.weight)] = (Axis("vocab", tuple(range(model.info.vocab))), Axis("d_model"))
+            known[id(module.weight)] = (Axis("vocab", range(model.info.vocab)), Axis("d_model"))
     return {name: known[id(t)] for name, t in recorder.constants.items() if id(t) in known}
 
 
@@ -318,7 +320,7 @@ def _labels(node: torch.fx.Node, meta: dict[torch.fx.Node, Any], labels: dict[to
         return (Axis("layer", layers),) + first if first is not None else None
     if node.target is _ops.expand_kv and ins[0] is not None:
         n_heads = meta[node].shape[-3]
-        return tuple(Axis("head", tuple(range(n_heads))) if a.name == "kv_head" else a for a in ins[0])
+        return tuple(Axis("head", range(n_heads)) if a.name == "kv_head" else a for a in ins[0])
     if node.target is _ops.select_layer:
         return ins[0][1:] if ins[0] is not None else None
     if node.target in (_ops.assign, _ops.assign_layer, _ops.setitem, _ops.save):

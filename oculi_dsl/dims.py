@@ -21,12 +21,22 @@ DIMS = ("prompt", "step", "layer", "head", "kv_head", "token", "query", "key", "
 TOKEN_LIKE = ("token", "query", "key")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Axis:
     """One labeled dim: its name and, when known, which original positions it holds."""
 
     name: str
-    index: tuple[int, ...] | None = None
+    index: Sequence[int] | None = None  # a range while it is every position (cheap for vocab)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Axis) or other.name != self.name:
+            return False
+        if self.index is None or other.index is None:
+            return self.index is other.index
+        return len(self.index) == len(other.index) and list(self.index) == list(other.index)
+
+    def __hash__(self) -> int:
+        return hash((self.name, None if self.index is None else len(self.index)))
 
 
 Labels = tuple[Axis, ...]
@@ -41,7 +51,7 @@ _SAME_SHAPE_FIRST = {"softmax", "log_softmax", "cumsum", "cumprod", "to", "float
 
 def site_labels(dims: Sequence[str], sizes: dict[str, int], prefix: Labels = ()) -> Labels:
     """Labels of a site value: ``prefix`` (prompt/layer) + the site's dims with positions."""
-    return prefix + tuple(Axis(d, tuple(range(sizes[d])) if d in sizes else None) for d in dims)
+    return prefix + tuple(Axis(d, range(sizes[d]) if d in sizes else None) for d in dims)
 
 
 def propagate(fn: Any, args: Sequence[Any], kwargs: dict[str, Any], arg_labels: Sequence[Any],

@@ -158,7 +158,7 @@ def _on_positions(save: Save, entries: list[tuple[int, Any]], plan: Plan, n_new:
     seg = plan.batch.segments[save.invoke] if save.invoke is not None else None
     first = torch.as_tensor(entries[0][1])
     if labels is None or seg is None or not any(a.name in TOKEN_LIKE for a in labels) or \
-            any(a.name in TOKEN_LIKE and a.index != tuple(range(seg.length)) for a in labels):
+            any(a.name in TOKEN_LIKE and (a.index is None or list(a.index) != list(range(seg.length))) for a in labels):
         raise ResultError(
             f"Saved value '{save.name}' changes shape across generation steps and its token axis "
             "cannot be placed on positions. Save a fixed-size part at every step, e.g. `[-1]` "
@@ -176,7 +176,7 @@ def _on_positions(save: Save, entries: list[tuple[int, Any]], plan: Plan, n_new:
             start = seg.length + step - size
             index.append(slice(start, start + size) if axis.name in TOKEN_LIKE else slice(None))
         out[tuple(index)] = value.to(out.dtype)
-    new_labels = tuple(Axis(a.name, tuple(range(total))) if a.name in TOKEN_LIKE else a for a in labels)
+    new_labels = tuple(Axis(a.name, range(total)) if a.name in TOKEN_LIKE else a for a in labels)
     return out, new_labels
 
 

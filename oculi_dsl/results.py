@@ -60,15 +60,18 @@ def _axis_coords(axis: Axis, dim: str, seg: Segment | None, axes: tuple[Axis, ..
                 # left padding: False where a prompt has no token at that position
                 pad = [seg.length - len(seg.token_ids[p]) for p in prompt_axis.index]
                 coords[f"{axis.name}_mask"] = ((pdim, dim), [[i >= n for i in axis.index] for n in pad])
-    elif axis.name in _INDEXED or len(axis.index) < _full_size(axis):
+    elif axis.name in _INDEXED or not _every_position(axis.index):
         coords[dim] = np.asarray(axis.index)
         if axis.name == "prompt" and seg is not None:
             coords["prompt_text"] = (dim, [seg.prompts[i] for i in axis.index])
     return coords
 
 
-def _full_size(axis: Axis) -> int:
-    return (max(axis.index) + 1) if axis.index else 0
+def _every_position(index: Any) -> bool:
+    """True when an axis still holds positions 0..n-1 in order (no coord needed)."""
+    if isinstance(index, range):
+        return index.start == 0 and index.step == 1
+    return list(index) == list(range(len(index)))
 
 
 def _variable(save: Save, value: Any, plan: Plan) -> tuple[tuple[str, ...], np.ndarray, dict[str, Any], dict[str, Any]]:
