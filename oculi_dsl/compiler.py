@@ -89,7 +89,27 @@ def compile_plan(recorder: Recorder, model: OculiModel,
              _site_labels(node.args[0]))
         for name, node in recorder.saves
     )
-    return Plan(recorder.graph, dict(recorder.constants), batch, steps, prelude, saves, stop, meta)
+    release = _release_points(recorder.graph, needed, set(writes.values()), ready)
+    return Plan(recorder.graph, dict(recorder.constants), batch, steps, prelude, saves, stop, meta, release)
+
+
+def _release_points(graph: torch.fx.Graph, needed: set[torch.fx.Node], keep: set[torch.fx.Node],
+                    ready: dict[torch.fx.Node, Order]) -> dict[torch.fx.Node, tuple[torch.fx.Node, ...]]:
+    """For each node, the inputs it is the last consumer of in execution order (the site it is
+    scheduled at, then graph order); values assigned to sites are kept for their write."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    last: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in graph.nodes:
+        if node in needed:
+            for inp in node.all_input_nodes:
+                when = (ready[node], position[node])
+                if inp not in last or when > (ready[last[inp]], position[last[inp]]):
+                    last[inp] = node
+    out: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for inp, consumer in last.items():
+        if inp not in keep and inp.op != "get_attr":
+            out.setdefault(consumer, []).append(inp)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def _named(node: torch.fx.Node, labels: Labels | None, value: Any) -> Labels | None:
@@ -181,8 +201,8 @@ def _stop_site(by_site: dict[SiteRef, Any], located: dict[SiteRef, _Site], model
     if not read_orders:
         return None
     order, site = max(read_orders, key=lambda x: x[0])
-    if order[0] >= model.info.n_layers or order[0] < 0:
-        return None  # nothing left to skip worth a hook
+    if site.kind == "model" and site.name == "logits" or order[0] < 0:
+        return None  # the forward ends there anyway
     if site.kind == "module":
         return SiteRef.at_layer("resid_post", order[0])
     return site

@@ -85,6 +85,8 @@ class _Run:
                     f"(recorded at {node.meta.get('source')}): {err}"
                 ) from err
             self.env[node] = value
+            for done in self.plan.release.get(node, ()):
+                self.env.pop(done, None)  # keeps peak memory at what is still needed
             if node.target is _ops.save:
                 if self.generating:
                     self.saved.setdefault(str(node.args[1]), []).append((self.step, value))

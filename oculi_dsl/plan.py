@@ -62,6 +62,8 @@ class Plan:
     saves: tuple[Save, ...]
     stop_after: SiteRef | None
     meta: dict[torch.fx.Node, Any] = field(default_factory=dict, repr=False)
+    # node → inputs whose last consumer it is: their values are dropped once it has run
+    release: dict[torch.fx.Node, tuple[torch.fx.Node, ...]] = field(default_factory=dict, repr=False)
 
 
 def format_graph(graph: torch.fx.Graph) -> str:
