@@ -208,30 +208,26 @@ def _stop_site(by_site: dict[SiteRef, Any], located: dict[SiteRef, _Site], model
     return site
 
 
-def _invoke_of(node: Any) -> int | None:
-    invokes = set()
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if isinstance(n, torch.fx.Node) and n not in seen:
-            seen.add(n)
-            if "invoke" in n.meta:
-                invokes.add(n.meta["invoke"])
-            todo.extend(n.all_input_nodes)
-    return invokes.pop() if len(invokes) == 1 else None
-
-
-def _site_labels(node: Any) -> tuple[str, ...]:
-    out: list[str] = []
-    todo, seen = [node], set()
+def _site_reads(node: Any) -> list[torch.fx.Node]:
+    """The site reads a value was computed from."""
+    reads, todo, seen = [], [node], set()
     while todo:
         n = todo.pop()
         if isinstance(n, torch.fx.Node) and n not in seen:
             seen.add(n)
             if "site" in n.meta:
-                out.append(n.meta["site_label"])
+                reads.append(n)
             todo.extend(n.all_input_nodes)
-    return tuple(sorted(set(out)))
+    return reads
+
+
+def _invoke_of(node: Any) -> int | None:
+    invokes = {n.meta["invoke"] for n in _site_reads(node)}
+    return invokes.pop() if len(invokes) == 1 else None
+
+
+def _site_labels(node: Any) -> tuple[str, ...]:
+    return tuple(sorted({n.meta["site_label"] for n in _site_reads(node)}))
 
 
 # -- meta run: shapes, dtypes, indices, labels --------------------------------------------------
