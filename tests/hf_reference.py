@@ -23,6 +23,8 @@ PATHS: dict[str, dict[str, str]] = {
         "embed": "model.embed_tokens",
         "final_norm": "model.norm",
         "attn": "self_attn",
+        "attention": "self_attn",  # the attention module itself
+        "out_proj": "self_attn.o_proj",
         "mid_norm": "post_attention_layernorm",  # its input is resid_mid
         "mlp": "mlp",
         "gate": "mlp.gate_proj",
@@ -34,6 +36,8 @@ PATHS: dict[str, dict[str, str]] = {
         "embed": "model.embed_tokens",
         "final_norm": "model.norm",
         "attn": "post_attention_layernorm",  # attention output as added to the stream
+        "attention": "self_attn",
+        "out_proj": "self_attn.o_proj",
         "mid_norm": "pre_feedforward_layernorm",
         "mlp": "post_feedforward_layernorm",  # MLP output as added to the stream
         "gate": "mlp.gate_proj",
@@ -45,6 +49,8 @@ PATHS: dict[str, dict[str, str]] = {
         "embed": "transformer.drop",  # token + position embeddings
         "final_norm": "transformer.ln_f",
         "attn": "attn",
+        "attention": "attn",
+        "out_proj": "attn.c_proj",
         "mid_norm": "ln_2",
         "mlp": "mlp",
         "pre": "mlp.c_fc",
@@ -67,6 +73,32 @@ def path(model: Any, key: str, layer: int | None = None) -> str:
 
 def module(model: Any, key: str, layer: int | None = None) -> torch.nn.Module:
     return model.hf.get_submodule(path(model, key, layer))
+
+
+def attn_module(model: Any, layer: int) -> torch.nn.Module:
+    """The attention module of ``layer`` (q/k/v projections live here)."""
+    return module(model, "attention", layer)
+
+
+def out_proj(model: Any, layer: int) -> torch.nn.Module:
+    """The attention output projection of ``layer`` (its input is z, its output Σ_h results)."""
+    return module(model, "out_proj", layer)
+
+
+def layer_module(model: Any, layer: int) -> torch.nn.Module:
+    return module(model, "layer", layer)
+
+
+@contextlib.contextmanager
+def eager(model: Any) -> Iterator[None]:
+    """Switch the model to HF eager attention, restoring the configured implementation."""
+    impl = model.hf.config._attn_implementation
+    model.hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.hf.set_attn_implementation(impl)
+    assert model.hf.config._attn_implementation == impl
 
 
 def n_layers(model: Any) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from hf_reference import attn_module, eager, ids_of, out_proj
+from hf_reference import path as ref_path
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -26,40 +28,13 @@ PROMPT = "The capital of France is Paris"
 OTHER = "The capital of Germany is Berlin"  # same token length as PROMPT in the tiny tokenizer
 ATOL = 1e-5
 
-# Hand-written module paths (deliberately not taken from oculi's site tables).
-PATHS = {
-    "llama": ("model.layers", "self_attn", "o_proj"),
-    "gemma3": ("model.layers", "self_attn", "o_proj"),
-    "gpt2": ("transformer.h", "attn", "c_proj"),
-}
+
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def ids_of(m: OculiModel, prompt: str) -> torch.Tensor:
-    return torch.tensor([m.tokenizer(prompt)["input_ids"]])
 
-
-def attn_module(m: OculiModel, layer: int) -> torch.nn.Module:
-    layers, attn, _ = PATHS[m.info.family]
-    return m.hf.get_submodule(f"{layers}.{layer}.{attn}")
-
-
-def out_proj(m: OculiModel, layer: int) -> torch.nn.Module:
-    return getattr(attn_module(m, layer), PATHS[m.info.family][2])
-
-
-@contextmanager
-def eager(m: OculiModel) -> Iterator[None]:
-    """Switch the model to HF eager attention, restoring the configured implementation."""
-    impl = m.hf.config._attn_implementation
-    m.hf.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        m.hf.set_attn_implementation(impl)
-    assert m.hf.config._attn_implementation == impl
 
 
 def eager_patterns(m: OculiModel, **inputs: Any) -> torch.Tensor:
@@ -600,7 +575,7 @@ def test_head_index_out_of_range() -> None:
 def test_zero_ablation_equals_hand_hook(tiny: OculiModel) -> None:
     m, layer, head = tiny, 2, 3
     ids = ids_of(m, PROMPT)
-    path = f"{PATHS[m.info.family][0]}.{layer}.{PATHS[m.info.family][1]}.{PATHS[m.info.family][2]}"
+    path = ref_path(m, "out_proj", layer)
     with oculi.trace(m, PROMPT) as base:
         base.layers[layer].attn.z.save("z")
     with oculi.trace(m, PROMPT) as t:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from hf_reference import attn_module, ids_of, layer_module, out_proj
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import oculi_dsl as oculi
@@ -26,28 +27,19 @@ N_NEW = 8
 GREEDY = {"do_sample": False, "min_new_tokens": N_NEW}
 ATOL = 1e-5
 
-PATHS = {
-    "llama": ("model.layers", "self_attn", "o_proj"),
-    "gemma3": ("model.layers", "self_attn", "o_proj"),
-    "gpt2": ("transformer.h", "attn", "c_proj"),
-}
 
 
-def ids_of(m: OculiModel, prompt: str) -> torch.Tensor:
-    return torch.tensor([m.tokenizer(prompt)["input_ids"]])
 
 
-def attn_module(m: OculiModel, layer: int) -> torch.nn.Module:
-    layers, attn, _ = PATHS[m.info.family]
-    return m.hf.get_submodule(f"{layers}.{layer}.{attn}")
 
 
-def out_proj(m: OculiModel, layer: int) -> torch.nn.Module:
-    return getattr(attn_module(m, layer), PATHS[m.info.family][2])
 
 
-def layer_module(m: OculiModel, layer: int) -> torch.nn.Module:
-    return m.hf.get_submodule(f"{PATHS[m.info.family][0]}.{layer}")
+
+
+
+
+
 
 
 def pad_id(m: OculiModel) -> int:

@@ -6,12 +6,11 @@ own projections + rotary, plain hooks on ``o_proj`` and ``model.generate``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
+from hf_reference import eager, ids_of
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -25,18 +24,7 @@ PROMPT = "The Eiffel Tower is in the city of Paris, and the Colosseum is in"
 ATOL = 1e-5
 
 
-def ids_of(m: OculiModel, prompt: str) -> torch.Tensor:
-    return torch.tensor([m.tokenizer(prompt)["input_ids"]])
 
-
-@contextmanager
-def eager(m: OculiModel) -> Iterator[None]:
-    impl = m.hf.config._attn_implementation
-    m.hf.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        m.hf.set_attn_implementation(impl)
 
 
 def eager_run(m: OculiModel, **inputs: Any) -> Any:
