@@ -304,8 +304,14 @@ class Trace:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("embed", "final_norm", "logits"):
             setattr(self._main(), name, value)
-        else:
+        elif name.startswith("_") or name in ("model", "max_steps"):
             object.__setattr__(self, name, value)
+        else:
+            # a typo such as `t.logit = 0` must not pass silently as a Python attribute
+            raise RecordError(
+                f"Cannot assign to 't.{name}'.{did_you_mean(name, ('embed', 'final_norm', 'logits'))} "
+                "Assignable: embed, final_norm, logits, layers[i].<site>, module(path).input/.output."
+            )
 
     # -- running ---------------------------------------------------------------------------
     def __enter__(self) -> Trace:

@@ -220,3 +220,9 @@ def test_assignment_to_unknown_attribute_refused(model: OculiModel) -> None:
         t._default.resid = 0  # noqa: SLF001 - an invoke refuses unknown names
     with pytest.raises(RecordError, match="group of sites"):
         t.layers[1].mlp = 0
+
+
+def test_assigning_an_unknown_trace_attribute_is_refused() -> None:
+    model = oculi.testing.tiny_model("llama")
+    with pytest.raises(oculi.RecordError, match="Did you mean 'logits'"), oculi.trace(model, "hi") as t:
+        t.logit = 0
