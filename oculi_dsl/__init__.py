@@ -3,7 +3,7 @@
 >>> import oculi_dsl as oculi
 >>> model = oculi.testing.tiny_model("llama")
 >>> with oculi.trace(model, "The capital of France is") as t:
-...     t.layers[:].resid_post.save("resid")
+...     _ = t.layers[:].resid_post.save("resid")
 >>> t.result["resid"].dims
 ('layer', 'token', 'd_model')
 

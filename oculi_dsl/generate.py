@@ -11,7 +11,7 @@ positions, NaN where a step did not compute that position.
 >>> model = oculi.testing.tiny_model("llama")
 >>> with oculi.generate(model, "Once upon a time", max_new_tokens=3) as g:
 ...     g.layers[1].attn.q.scale(1.5, head=0)
-...     g.layers[1].resid_post[-1].save("last")
+...     last = g.layers[1].resid_post[-1].save("last")
 >>> g.result["last"].dims
 ('step', 'd_model')
 """
@@ -19,7 +19,7 @@ positions, NaN where a step did not compute that position.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import xarray as xr
@@ -65,25 +65,16 @@ class Generate(Trace):
     def steps(self) -> StepSelector:
         return StepSelector(self)
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
-        self._recorder.closed = True
-        if exc_type is not None:
-            return False
-        from .compiler import compile_plan
+    def _run(self, plan: Plan) -> dict[str, Any]:
+        """One ``model.generate`` call; saved values are kept per step."""
         from .executor import execute
 
-        if not self._invokes:
-            raise RecordError("The generation has no prompt: pass one to oculi.generate() or call g.invoke().")
-        self._plan = compile_plan(self._recorder, self.model, [i._encoded for i in self._invokes],
-                                  stop_early=False)
         kwargs = dict(self._generate_kwargs)
         kwargs.setdefault("pad_token_id", self._pad_id())
-        saved, output = execute(self._plan, self.model, grad=self._grad, generate=kwargs)
+        saved, output = execute(plan, self.model, grad=self._grad, generate=kwargs)
         self._output = output if isinstance(output, torch.Tensor) else output.sequences
         self._per_step = saved
-        self._saved = {name: [v for _, v in values] for name, values in saved.items()}
-        self._recorder.results = self._saved
-        return False
+        return {name: [v for _, v in values] for name, values in saved.items()}
 
     def _pad_id(self) -> int:
         from .inputs import pad_token_id

@@ -177,7 +177,7 @@ class Recorder(TracerBase):
         self.step_filter: frozenset[int] | None = None
         self.info: Any = None  # ModelInfo of the traced model, for checks made while recording
         self.results: dict[str, Any] | None = None
-        self._const_ids: dict[int, str] = {}
+        self._const_nodes: dict[int, torch.fx.Node] = {}  # id(tensor) → its get_attr node
         self._save_names: dict[torch.fx.Node, str] = {}
 
     # -- torch.fx hooks ---------------------------------------------------------------------
@@ -215,15 +215,12 @@ class Recorder(TracerBase):
         return super().create_arg(a)
 
     def _constant(self, tensor: torch.Tensor) -> torch.fx.Node:
-        name = self._const_ids.get(id(tensor))
-        if name is None:
+        node = self._const_nodes.get(id(tensor))
+        if node is None:
             name = f"_const{len(self.constants)}"
-            self.constants[name] = tensor
-            self._const_ids[id(tensor)] = name
-        for node in self.graph.nodes:
-            if node.op == "get_attr" and node.target == name:
-                return node
-        return self.graph.create_node("get_attr", name)
+            self.constants[name] = tensor  # keeps the tensor alive, so its id stays unique
+            node = self._const_nodes[id(tensor)] = self.graph.create_node("get_attr", name)
+        return node
 
     def iter(self, obj: Any) -> Iterator[Any]:
         raise RecordError("Cannot iterate over a traced value; index it explicitly instead.")

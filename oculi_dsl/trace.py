@@ -8,8 +8,8 @@ one forward pass; ``t.result`` then labels the saved values as an ``xarray.Datas
 >>> import oculi_dsl as oculi
 >>> model = oculi.testing.tiny_model("llama")
 >>> with oculi.trace(model, "The capital of France is") as t:
-...     t.layers[:].resid_post.save("resid")
-...     t.logits[-1].save("last")
+...     resid = t.layers[:].resid_post.save("resid")
+...     last = t.logits[-1].save("last")
 >>> t.result["resid"].dims
 ('layer', 'token', 'd_model')
 """
@@ -322,15 +322,21 @@ class Trace:
         if exc_type is not None:
             return False  # the user's exception propagates unchanged; nothing runs
         from .compiler import compile_plan
-        from .executor import execute
 
         if not self._invokes:
             raise RecordError("The trace has no prompt: pass one to oculi.trace() or call t.invoke().")
         self._plan = compile_plan(self._recorder, self.model, [i._encoded for i in self._invokes],
                                   stop_early=self._stop_early)
-        self._saved, _ = execute(self._plan, self.model, grad=self._grad)
+        self._saved = self._run(self._plan)
         self._recorder.results = self._saved
         return False
+
+    def _run(self, plan: Plan) -> dict[str, Any]:
+        """Execute the compiled plan; returns the saved values by name."""
+        from .executor import execute
+
+        saved, _ = execute(plan, self.model, grad=self._grad)
+        return saved
 
     @property
     def graph(self) -> str:
@@ -372,11 +378,11 @@ def trace(model: Any, prompt: Any = None, *, grad: bool = False, stop_early: boo
     >>> import oculi_dsl as oculi
     >>> model = oculi.testing.tiny_model("gpt2")
     >>> with oculi.trace(model) as t:
-    ...     with t.invoke("Once upon a time") as a:
+    ...     with t.invoke("The Eiffel Tower is in Paris") as a:
     ...         h = a.layers[1].mlp.out
-    ...     with t.invoke("Once upon a tide") as b:
+    ...     with t.invoke("The Eiffel Tower is in London") as b:  # same number of tokens
     ...         b.layers[1].mlp.out = h
-    ...         b.logits[-1].save("patched")
+    ...         patched = b.logits[-1].save("patched")
     >>> t.result["patched"].dims
     ('vocab',)
     """

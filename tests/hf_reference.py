@@ -101,6 +101,24 @@ def eager(model: Any) -> Iterator[None]:
     assert model.hf.config._attn_implementation == impl
 
 
+@contextlib.contextmanager
+def hooked(*hooks: tuple[torch.nn.Module, str, Callable[..., Any]]) -> Iterator[None]:
+    """Register plain PyTorch hooks: (module, "pre" | "fwd" | "pre_kw", fn); removed after."""
+    handles = []
+    try:
+        for module, kind, fn in hooks:
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            elif kind == "pre_kw":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def n_layers(model: Any) -> int:
     return len(model.hf.get_submodule(PATHS[family(model)]["layers"]))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_reference import attn_module, eager, ids_of, out_proj
+from hf_reference import attn_module, eager, hooked, ids_of, out_proj
 from hf_reference import path as ref_path
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -42,24 +42,6 @@ def eager_patterns(m: OculiModel, **inputs: Any) -> torch.Tensor:
     with eager(m), torch.no_grad():
         out = m.hf(**inputs, output_attentions=True)
     return torch.stack(out.attentions, 1)
-
-
-@contextmanager
-def hooked(*hooks: tuple[torch.nn.Module, str, Callable[..., Any]]) -> Iterator[None]:
-    """Register plain PyTorch hooks: (module, "pre" | "fwd" | "pre_kw", fn); removed after."""
-    handles = []
-    try:
-        for module, kind, fn in hooks:
-            if kind == "pre":
-                handles.append(module.register_forward_pre_hook(fn))
-            elif kind == "pre_kw":
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(fn))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def bare(m: OculiModel, ids: torch.Tensor, *hooks: Any, **kwargs: Any) -> Any:

@@ -8,13 +8,12 @@ for the values saved at each step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from hf_reference import attn_module, ids_of, layer_module, out_proj
+from hf_reference import attn_module, hooked, ids_of, layer_module, out_proj
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import oculi_dsl as oculi
@@ -45,21 +44,6 @@ ATOL = 1e-5
 def pad_id(m: OculiModel) -> int:
     tok = m.tokenizer
     return next(i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0) if i is not None)
-
-
-@contextmanager
-def hooked(*hooks: tuple[torch.nn.Module, str, Callable[..., Any]]) -> Iterator[None]:
-    handles = []
-    try:
-        for module, kind, fn in hooks:
-            if kind == "pre":
-                handles.append(module.register_forward_pre_hook(fn))
-            else:
-                handles.append(module.register_forward_hook(fn))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def plain_generate(m: OculiModel, ids: torch.Tensor, mask: torch.Tensor | None = None,
