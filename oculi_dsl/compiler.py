@@ -4,7 +4,9 @@ Pure with respect to the model's weights: sites are resolved through the family 
 graph is run once on ``meta`` tensors to check shapes, dtypes and indices (errors point at the
 user's line) and to derive each saved value's dim labels, and every node is scheduled at the
 earliest site in forward order where all its inputs exist. Only nodes that feed a save or an
-edit are kept. The forward may stop right after the last site that is read.
+edit are kept. The forward may stop right after the last site that is read, and it may start
+late: when every row's input to layer s (``resid_pre``) is assigned outright and nothing
+earlier is read, layers 0..s-1 are dead code and are not run (:func:`_start_layer`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def compile_plan(recorder: Recorder, model: OculiModel,
         for name, node in recorder.saves
     )
     release = _release_points(recorder.graph, needed, set(writes.values()), ready)
-    return Plan(recorder.graph, dict(recorder.constants), batch, steps, prelude, saves, stop, meta, release)
+    start = _start_layer(recorder, batch, sites, writes) if stop_early else 0
+    return Plan(recorder.graph, dict(recorder.constants), batch, steps, prelude, saves, stop, meta,
+                release, start)
 
 
 def _release_points(graph: torch.fx.Graph, needed: set[torch.fx.Node], keep: set[torch.fx.Node],
@@ -140,8 +144,11 @@ def _where(key: SiteKey) -> str:
 
 def _needed(recorder: Recorder, writes: dict[SiteKey, torch.fx.Node]) -> set[torch.fx.Node]:
     """Nodes that feed a save or an edit; everything else is never run."""
-    todo = [node for _, node in recorder.saves] + list(writes.values())
-    seen: set[torch.fx.Node] = set()
+    return _upstream([node for _, node in recorder.saves] + list(writes.values()))
+
+
+def _upstream(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    todo, seen = list(roots), set()
     while todo:
         node = todo.pop()
         if node not in seen:
@@ -206,6 +213,58 @@ def _stop_site(by_site: dict[SiteRef, Any], located: dict[SiteRef, _Site], model
     if site.kind == "module":
         return SiteRef.at_layer("resid_post", order[0])
     return site
+
+
+def _start_layer(recorder: Recorder, batch: Batch, sites: dict[SiteKey, _Site],
+                 writes: dict[SiteKey, torch.fx.Node]) -> int:
+    """The first layer the forward must run (0: all of them).
+
+    Layers before s are dead when (1) every invoke assigns its whole ``resid_pre`` of layer s
+    (``x.layers[s].resid_pre = value``; later edits of it are fine), (2) that site's arriving
+    value is used by nothing but those assignments, which only take its shape, (3) nothing the
+    saves and the edits from s on depend on is read earlier in the forward (edits before s are
+    dead too: their effect is overwritten), and (4) no row is padded (padding positions are
+    not part of any invoke's view, so no assignment covers them).
+    """
+    if batch.attention_mask is not None:
+        return 0
+    n_invokes = len(batch.segments)
+    by_layer: dict[int, dict[int, SiteKey]] = defaultdict(dict)
+    for key in writes:
+        site = key[1]
+        if site.kind == "layer" and site.name == "resid_pre" and site.layer:
+            by_layer[int(site.layer)][key[0]] = key  # type: ignore[arg-type]
+    for layer in sorted((s for s, ks in by_layer.items() if len(ks) == n_invokes), reverse=True):
+        keys = by_layer[layer].values()
+        live = _upstream([node for _, node in recorder.saves]
+                         + [w for k, w in writes.items() if sites[k].order >= (layer, 0.0)])
+        arriving = {recorder.reads[k] for k in keys if k in recorder.reads}
+        if all(_assigned_outright(writes[k], recorder.reads.get(k)) for k in keys) \
+                and all(_shape_only_uses(r, live) for r in arriving) \
+                and all(sites[k].order >= (layer, 0.0) for k, node in recorder.reads.items()
+                        if node in live and node not in arriving):
+            return layer
+    return 0
+
+
+def _shape_only_uses(read: torch.fx.Node, needed: set[torch.fx.Node]) -> bool:
+    """True if every needed user of ``read`` is an assignment that replaces it (shape only)."""
+    return all(u.target in (_ops.assign, _ops.assign_layer) and u.args[0] is read
+               and read not in u.args[1:] for u in read.users if u in needed)
+
+
+def _assigned_outright(written: torch.fx.Node, read: torch.fx.Node | None) -> bool:
+    """The written value descends from an assignment replacing ``read`` (not from ``read`` itself)."""
+    todo, seen = [written], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.target in (_ops.assign, _ops.assign_layer) and n.args[0] is read:
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _site_reads(node: Any) -> list[torch.fx.Node]:

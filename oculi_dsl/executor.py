@@ -3,13 +3,16 @@
 Each plan step becomes one forward (pre-)hook on its module. When the hook fires, the arriving
 value is cut into each invoke's view (its rows, its own token length), the nodes scheduled there
 run, edited values are written back into the batch tensor, and the forward continues with it.
-After the last needed site the forward is stopped. Every hook is removed in ``finally``, on
-success and on error, so the model is left exactly as it was.
+After the last needed site the forward is stopped; when the plan starts at layer s (every row's
+input to s is assigned), layers 0..s-1 are stood in for by pass-throughs for this call. Every
+hook and stand-in is removed in ``finally``, on success and on error, so the model is left
+exactly as it was.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -134,6 +137,37 @@ class _Run:
         return new
 
 
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder layer whose output nothing uses: hands its input on unchanged.
+
+    The next layer's input is replaced by an assignment anyway (see ``Plan.start_layer``);
+    decoder layers of every supported family take the hidden states first and return them.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def _skipping(model: OculiModel, n: int) -> Iterator[None]:
+    """Layers 0..n-1 replaced by :class:`_Skipped` for the duration of one forward."""
+    if n <= 0:
+        yield
+        return
+    layers = model.hf.get_submodule(model.family.layers)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ExecutionError(f"{model.family.layers} of {model.info.model_id} is a "
+                             f"{type(layers).__name__}, not the ModuleList of decoder layers.")
+    originals = [layers[i] for i in range(n)]
+    try:
+        for i in range(n):
+            layers[i] = _Skipped()
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
 def _output_value(output: Any, field: str | None) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -224,7 +258,7 @@ def execute(plan: Plan, model: OculiModel, *, grad: bool = False,
             if generate is not None:
                 output = model.hf.generate(**plan.batch.generate_kwargs(model.device), **generate)  # type: ignore[operator]
             else:
-                with suppress(_StopForward):
+                with suppress(_StopForward), _skipping(model, plan.start_layer):
                     model.hf(**plan.batch.model_kwargs(model.device), use_cache=False)
     except OculiError:
         raise

@@ -3,7 +3,7 @@
 A :class:`Plan` is what the compiler hands the executor: the batch, one :class:`Step` per hooked
 site in forward order (which recorded values arrive there, which nodes can run there, which
 edited values go back), the nodes that run before the forward starts, the saves with their
-labels, and where the forward may stop.
+labels, where the forward may stop and the first layer it must run.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Plan:
     meta: dict[torch.fx.Node, Any] = field(default_factory=dict, repr=False)
     # node → inputs whose last consumer it is: their values are dropped once it has run
     release: dict[torch.fx.Node, tuple[torch.fx.Node, ...]] = field(default_factory=dict, repr=False)
+    # layers before this one are not run: every row's input to it is assigned (dead prefix)
+    start_layer: int = 0
 
 
 def format_graph(graph: torch.fx.Graph) -> str:

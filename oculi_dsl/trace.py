@@ -372,8 +372,10 @@ def trace(model: Any, prompt: Any = None, *, grad: bool = False, stop_early: boo
     """Open a trace over ``model`` (an :class:`OculiModel` or a HF model).
 
     ``prompt`` is a string, a list of strings, or token ids; omit it and use ``t.invoke()`` to
-    put several prompts in one batch. ``grad=True`` keeps autograd on. ``stop_early`` ends the
-    forward pass after the last site the trace needs.
+    put several prompts in one batch. ``grad=True`` keeps autograd on. ``stop_early`` runs only
+    the part of the forward pass the trace needs: it ends after the last site read, and starts
+    at layer s when every prompt's ``resid_pre`` of layer s is assigned and nothing earlier is
+    read (``t.plan.start_layer``); ``stop_early=False`` runs the whole model.
 
     >>> import oculi_dsl as oculi
     >>> model = oculi.testing.tiny_model("gpt2")

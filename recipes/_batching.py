@@ -150,6 +150,12 @@ def run_sweep(model: Any, *, source: Any, base: Any, cells: Sequence[Sequence[Ed
     row, e.g. ROME's noised copies; ``multi_rows=True``). ``prepare(x)`` records edits every
     copy shares (noise on the embeddings). ``measure(logits, n)`` maps the stacked readout logits
     (n cells, [row,] vocab) at ``position`` to one value per cell (proxy ops, recorded).
+
+    Cells are run in order of their first patched layer. Nothing a cell patches at layer l or
+    later changes layers 0..l-1, so the first chunk also saves the unpatched source and base
+    inputs (``resid_pre``) of the layers where later chunks start, and every later chunk assigns
+    them and resumes the forward there: its earlier layers are not run at all
+    (``Plan.start_layer``). Same passes, about half the layer computations for a full sweep.
     """
     from tqdm.auto import tqdm
 
@@ -158,25 +164,45 @@ def run_sweep(model: Any, *, source: Any, base: Any, cells: Sequence[Sequence[Ed
     last = model.info.n_layers - 1
     n_passes = n_chunks(len(cells), per_chunk)
     size = math.ceil(len(cells) / n_passes)  # same number of passes, evenly filled
-    chunks = [cells[i:i + size] for i in range(0, len(cells), size)]
+    first = [min(e.layer for e in cell) for cell in cells]
+    order = sorted(range(len(cells)), key=first.__getitem__)
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    starts = [first[chunk[0]] if k else 0 for k, chunk in enumerate(chunks)]
+    resume = sorted({s for s in starts if s > 0})
+    states: dict[str, torch.Tensor] = {}
     out: list[torch.Tensor] = []
-    bar = tqdm(chunks, desc=desc, unit="pass", disable=not progress or len(chunks) < 2,
-               leave=False, dynamic_ncols=True)
-    for chunk in bar:
+    bar = tqdm(list(zip(chunks, starts, strict=True)), desc=desc, unit="pass",
+               disable=not progress or len(chunks) < 2, leave=False, dynamic_ncols=True)
+    for chunk, start in bar:
         with oculi.trace(model) as t:
             src = t.invoke(source)
+            if start:
+                src.layers[start].resid_pre = states[f"source{start}"]
+            elif resume:
+                unpatched = t.invoke(base)
+                if prepare is not None:
+                    prepare(unpatched)
+                for layer in resume:
+                    src.layers[layer].resid_pre.save(f"source{layer}")
+                    unpatched.layers[layer].resid_pre.save(f"base{layer}")
             cache: dict[Edit, Any] = {}
             reads = []
-            for cell in chunk:
+            for i in chunk:
                 x = t.invoke(base)
-                if prepare is not None:
+                if start:
+                    x.layers[start].resid_pre = states[f"base{start}"]  # noise already in it
+                elif prepare is not None:
                     prepare(x)
-                for edit in cell:
+                for edit in cells[i]:
                     _apply(x, src, edit, multi_rows, cache)
                 reads.append(x.layers[last].resid_post[..., position, :])
             measure(unembed(model, torch.stack(reads)), len(chunk)).save("metric")
+        if not start:
+            states = {k: v.detach() for k, v in t.saved.items() if k != "metric"}
         out.append(t.saved["metric"].detach().float().cpu().reshape(len(chunk)))
-    return torch.cat(out), len(chunks)
+    scores = torch.empty(len(cells))
+    scores[order] = torch.cat(out)
+    return scores, len(chunks)
 
 
 def baseline_logits(model: Any, prompts: Sequence[Any], position: int,

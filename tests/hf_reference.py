@@ -249,6 +249,7 @@ def state(model: Any) -> dict[str, Any]:
 
     snap: dict[str, Any] = {}
     for name, mod in model.hf.named_modules():
+        snap[f"{name}:module"] = id(mod)  # a module swapped out for a run must be back
         snap[f"{name}:hooks"] = {a: dict(getattr(mod, a, {})) for a in _HOOK_DICTS}
         snap[f"{name}:forward"] = mod.__dict__.get("forward")  # an instance-level patch
         snap[f"{name}:training"] = mod.training

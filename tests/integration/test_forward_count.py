@@ -1,10 +1,13 @@
-"""One trace = one forward pass; a trace that needs only early layers stops there.
+"""One trace = one forward pass; a trace that needs only early layers stops there, and one
+whose every row gets its layer-s input assigned starts there.
 
 Calls are counted with a forward pre-hook the test registers on the HF model (and on decoder
 layers), removed afterwards. Values of an early-stopped trace still equal a plain HF forward.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import hf_reference as ref
 import pytest
@@ -134,3 +137,44 @@ def test_logits_read_runs_whole_model(tiny: OculiModel) -> None:
             t.logits[-1].save("last")
         assert len(norm) == 1
     assert torch.equal(t.saved["last"], ref.hf_forward(tiny, ref.ids_of(tiny, PROMPTS[0])).logits[0, -1])
+
+
+# -- late start: layers before a fully assigned input are not run ---------------------------------
+
+def _late_start_trace(tiny: OculiModel, states: dict[str, torch.Tensor], stop_early: bool) -> Any:
+    with oculi.trace(tiny, stop_early=stop_early) as t:
+        with t.invoke(PROMPTS[0]) as a:
+            a.layers[2].resid_pre = states["a"]
+            h = a.layers[2].mlp.out
+            a.logits.save("a")
+        with t.invoke(PROMPTS[1]) as b:
+            b.layers[2].resid_pre = states["b"]
+            b.layers[2].mlp.out[3] = h[3]
+            b.layers[3].resid_post.save("b_post")
+            b.logits.save("b")
+    return t
+
+
+def test_assigned_layer_input_skips_earlier_layers(tiny: OculiModel) -> None:
+    with oculi.trace(tiny) as clean:
+        with clean.invoke(PROMPTS[0]) as a:
+            a.layers[2].resid_pre.save("a")
+        with clean.invoke(PROMPTS[1]) as b:
+            b.layers[2].resid_pre.save("b")
+    layers = [ref.module(tiny, "layer", i) for i in range(ref.n_layers(tiny))]
+    runs = {}
+    for stop_early in (True, False):
+        counters = [ref.count_calls(layer) for layer in layers]
+        calls = [c.__enter__() for c in counters]
+        try:
+            runs[stop_early] = _late_start_trace(tiny, clean.saved, stop_early)
+        finally:
+            for c in counters:
+                c.__exit__(None, None, None)
+        assert [len(c) for c in calls] == ([0, 0, 1, 1] if stop_early else [1, 1, 1, 1])
+    late, full = runs[True], runs[False]
+    assert (late.plan.start_layer, full.plan.start_layer) == (2, 0)
+    for name in ("a", "b", "b_post"):
+        assert torch.equal(late.saved[name], full.saved[name]), name
+    hf = ref.hf_forward(tiny, ref.ids_of(tiny, PROMPTS[0])).logits[0]
+    torch.testing.assert_close(late.saved["a"], hf, atol=1e-5, rtol=0)

@@ -373,6 +373,23 @@ def test_early_stop_leaves_nothing_behind(tiny: OculiModel) -> None:
         t.layers[1].resid_post.save()
 
 
+def test_late_start_leaves_nothing_behind(tiny: OculiModel) -> None:
+    """Layers 0-1 are stood in for while the forward runs; after success or an error they are back."""
+    with oculi.trace(tiny, PROMPT) as clean:
+        clean.layers[2].resid_pre.save("state")
+    with unchanged(tiny, forwards=1), oculi.trace(tiny, PROMPT) as t:
+        t.layers[2].resid_pre = clean.saved["state"]
+        t.logits.save()
+    assert t.plan.start_layer == 2
+    mlp = tiny.hf.get_submodule(ref.path(tiny, "layer", 3) + ".mlp")
+    before = ref.state(tiny)
+    with patched_forward(mlp, ValueError("kaboom")), pytest.raises(ExecutionError), \
+            oculi.trace(tiny, PROMPT) as t:
+        t.layers[2].resid_pre = clean.saved["state"]
+        t.logits.save()
+    ref.assert_same_state(before, ref.state(tiny))
+
+
 def test_errors_are_oculi_errors() -> None:
     for cls in (CompileError, ExecutionError, RecordError, SiteError):
         assert issubclass(cls, OculiError) and cls is not OculiError

@@ -250,3 +250,83 @@ def test_batch_is_left_padded(meta_model: OculiModel) -> None:
     assert batch.input_ids[0, 4:].tolist() == ids
     assert batch.position_ids is not None and batch.position_ids[0, 4:].tolist() == [0, 1, 2]
     assert [s.length for s in batch.segments] == [3, 7]
+
+
+# -- late start: a fully assigned layer input makes earlier layers dead -----------------------------
+
+STATE = torch.zeros(7, 64)  # resid_pre of the tiny Llama for PROMPT (7 tokens, d_model 64)
+
+
+def test_assigned_input_of_every_invoke_starts_there(meta_model: OculiModel) -> None:
+    def record(t: Any, a: Any, b: Any) -> None:
+        a.layers[2].resid_pre = STATE
+        b.layers[2].resid_pre = STATE
+        b.layers[2].resid_pre[3] = a.layers[2].resid_pre[3]  # a later partial edit is fine
+        b.layers[3].mlp.out.save("out")
+    plan = compile_only(meta_model, record, prompt=None, invokes=(PROMPT, PROMPT))
+    assert plan.start_layer == 2
+
+
+def test_deepest_fully_assigned_layer_wins(meta_model: OculiModel) -> None:
+    def record(t: Any) -> None:
+        t.layers[1].resid_pre = STATE
+        t.layers[3].resid_pre = STATE
+        t.logits.save()
+    assert compile_only(meta_model, record).start_layer == 3
+
+
+def _assign_both(a: Any, b: Any, layer: int = 2) -> None:
+    a.layers[layer].resid_pre = STATE
+    b.layers[layer].resid_pre = STATE
+
+
+NO_LATE_START: dict[str, Any] = {
+    "one invoke not assigned": lambda a, b: setattr(a.layers[2], "resid_pre", STATE),
+    "earlier read": lambda a, b: (_assign_both(a, b), a.layers[1].mlp.out.save("early")),
+    # read before the assignment: the real arriving value is needed
+    "arriving value saved": lambda a, b: (b.layers[2].resid_pre.save("before"), _assign_both(a, b)),
+    "partial": lambda a, b: (a.layers[2].resid_pre.__setitem__(0, 0.0),
+                             b.layers[2].resid_pre.__setitem__(0, 0.0)),
+    "from itself": lambda a, b: (setattr(a.layers[2], "resid_pre", STATE),
+                                 setattr(b.layers[2], "resid_pre", b.layers[2].resid_pre * 2)),
+    "raw module before": lambda a, b: (_assign_both(a, b), a.module("model.embed_tokens").output.save("e")),
+    "layer 0": lambda a, b: _assign_both(a, b, layer=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_LATE_START))
+def test_no_late_start(meta_model: OculiModel, case: str) -> None:
+    def record(t: Any, a: Any, b: Any) -> None:
+        NO_LATE_START[case](a, b)
+        b.logits.save()
+    assert compile_only(meta_model, record, prompt=None, invokes=(PROMPT, PROMPT)).start_layer == 0
+
+
+def test_no_late_start_with_padding_or_without_stop_early(meta_model: OculiModel) -> None:
+    def record(t: Any, a: Any, b: Any) -> None:
+        a.layers[2].resid_pre = torch.zeros(a.tokens.shape[0], 64)
+        b.layers[2].resid_pre = STATE
+        b.logits.save()
+    assert compile_only(meta_model, record, prompt=None, invokes=(PROMPT, PROMPT)).start_layer == 2
+    assert compile_only(meta_model, record, prompt=None, invokes=(SHORT, PROMPT)).start_layer == 0
+    assert compile_only(meta_model, record, prompt=None, invokes=(PROMPT, PROMPT),
+                        stop_early=False).start_layer == 0
+
+
+def test_edits_before_the_start_are_dead(meta_model: OculiModel) -> None:
+    def record(t: Any) -> None:
+        t.layers[0].mlp.out = torch.zeros(7, 64)  # overwritten by the assignment at layer 2
+        t.layers[2].resid_pre = STATE
+        t.logits.save()
+    assert compile_only(meta_model, record).start_layer == 2
+
+
+def test_late_start_is_pure_metadata(meta_model: OculiModel) -> None:
+    """The start layer changes nothing else in the plan: same steps, same scheduled nodes."""
+    def record(t: Any) -> None:
+        t.layers[2].resid_pre = STATE
+        t.layers[3].resid_post.save()
+    late = compile_only(meta_model, record)
+    full = compile_only(meta_model, record, stop_early=False)
+    assert (late.start_layer, full.start_layer) == (2, 0)
+    assert [s.site for s in late.steps] == [s.site for s in full.steps]

@@ -79,6 +79,32 @@ def test_seeded_and_batched_in_few_passes() -> None:
     assert (a["score"].isel(token=slice(0, 2)).values == float(a["low"])).all()
 
 
+def test_later_chunks_resume_at_their_first_layer(tiny: OculiModel) -> None:
+    """Cells run in layer order; only the baseline pass and the first chunk run layer 0, and each
+    later chunk starts at the first layer its cells patch (its inputs saved by the first chunk)."""
+    layers = tiny.hf.get_submodule(tiny.family.layers)
+    counts = [0] * len(layers)
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+               for i, layer in enumerate(layers)]
+    try:
+        ds = causal_trace(tiny, PROMPT, subject="Eiffel Tower", samples=2, chunk_size=7,
+                          progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    passes = ds.attrs["forward_passes"]
+    cells = ds.attrs["cells"]  # 5 tokens from the subject on x 4 layers, in layer order
+    assert passes == -(-cells // 7) + 1 == 4
+    # chunks start at layers 0, 1, 2 (7 cells each, 5 per layer): layer l runs in every pass
+    # whose chunk starts at or before it, plus the baseline pass
+    assert counts == [2, 3, 4, 4]
+    ids = _ids(tiny, PROMPT)
+    cells_ = [([lay], "resid_post", tok) for tok in range(len(ids)) for lay in range(4)]
+    ref = rome_loop(tiny, ids, ds.attrs["subject_positions"], ds.attrs["nu"], 2, 0, cells_, -1,
+                    ds.attrs["target_id"])
+    np.testing.assert_allclose(ds["score"].values.reshape(-1), ref, atol=1e-5, rtol=0)
+
+
 def test_std_choices_and_position_zero() -> None:
     model = oculi.testing.tiny_model("gpt2")  # no BOS: 'The' is position 0
     with pytest.warns(UserWarning, match="position 0 is never noised"):
