@@ -66,12 +66,18 @@ def lens_stats(normed: Any, weight: Any, bias: Any, final: Any, target: Any, k: 
         return handle_torch_function(lens_stats, (normed, final, target), normed, weight, bias,
                                      final, target, k, cap, keep, last)
     n_layers, n_tok, _ = normed.shape
+    vocab = weight.shape[0]
+    if normed.device.type == "meta":  # shapes only (compile-time check): skip the vocab-wide ops
+        def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.empty((n_layers, n_tok, *shape), dtype=dtype, device="meta")
+        metas = (empty(k), empty(k, dtype=torch.long), empty(), empty(dtype=torch.long), empty(),
+                 empty(), empty(dtype=torch.long))
+        return metas + ((empty(vocab, dtype=final.dtype),) if keep else ())
     flat = normed.reshape(n_layers * n_tok, -1)
     ref = final.float().log_softmax(-1)
     ref_p = ref.exp()
     ref_neg_entropy = torch.einsum("tv,tv->t", ref_p, ref)
     best = final.argmax(-1)
-    vocab = weight.shape[0]
     step = max(1, min(flat.shape[0], ROW_BYTES_BUDGET // (4 * vocab * 4)))
     parts: list[list[torch.Tensor]] = [[] for _ in range(8 if keep else 7)]
     cuts = {0, flat.shape[0], *range(0, flat.shape[0], step)}
