@@ -47,7 +47,10 @@ __all__ = ["format_predictions", "logit_lens", "plot_logit_lens"]
 DEFINITION = ("SPEC.md § Logit lens: logits_l = lm_head(norm_f(resid_post_l)) for l = 0..L-1 "
               "(the last equals the model's logits), softmax over the full vocabulary; "
               "KL(final || layer) and entropy in nats")
-ROW_BYTES_BUDGET = 256 * 1024**2  # memory for the (rows, vocab) logits of one reduction chunk
+# bytes of one (rows, vocab) float32 array of a reduction chunk. Under 32 MiB, the allocator
+# reuses freed arrays (glibc's adaptive mmap threshold keeps such blocks in its heap) instead
+# of mapping fresh pages every time: page faults on new arrays cost more than the arithmetic.
+CHUNK_BYTES = 30 * 1024**2
 
 
 def lens_stats(normed: Any, weight: Any, bias: Any, final: Any, target: Any, k: int,
@@ -67,47 +70,75 @@ def lens_stats(normed: Any, weight: Any, bias: Any, final: Any, target: Any, k: 
                                      final, target, k, cap, keep, last)
     n_layers, n_tok, _ = normed.shape
     vocab = weight.shape[0]
-    if normed.device.type == "meta":  # shapes only (compile-time check): skip the vocab-wide ops
-        def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.empty((n_layers, n_tok, *shape), dtype=dtype, device="meta")
-        metas = (empty(k), empty(k, dtype=torch.long), empty(), empty(dtype=torch.long), empty(),
-                 empty(), empty(dtype=torch.long))
-        return metas + ((empty(vocab, dtype=final.dtype),) if keep else ())
-    flat = normed.reshape(n_layers * n_tok, -1)
+    out = _outputs(n_layers, n_tok, k, vocab, keep, final.dtype, normed.device)
+    if normed.device.type == "meta":  # shapes only (compile-time check)
+        return out
     ref = final.float().log_softmax(-1)
     ref_p = ref.exp()
     ref_neg_entropy = torch.einsum("tv,tv->t", ref_p, ref)
+    ref_mass = ref_p.sum(-1)
     best = final.argmax(-1)
-    step = max(1, min(flat.shape[0], ROW_BYTES_BUDGET // (4 * vocab * 4)))
-    parts: list[list[torch.Tensor]] = [[] for _ in range(8 if keep else 7)]
-    cuts = {0, flat.shape[0], *range(0, flat.shape[0], step)}
-    if last >= 0:
-        cuts |= {last * n_tok, (last + 1) * n_tok}
-    bounds = sorted(cuts)
-    for s, e in zip(bounds[:-1], bounds[1:], strict=False):
-        rows = torch.arange(s, e, device=flat.device) % n_tok
-        if last >= 0 and s == last * n_tok:
-            logits = final  # the model's own logits: the lens at l = L-1, exactly
+    budget = max(1, CHUNK_BYTES // (4 * vocab))  # rows of the (rows, vocab) arrays
+    scratch = torch.empty((min(budget, n_layers * n_tok), vocab), device=normed.device)
+    shifted = torch.empty_like(scratch)
+    for l0, l1, a, b in _chunks(n_layers, n_tok, budget, last):
+        rows = (l1 - l0) * (b - a)
+        if l0 == last:
+            z = final[a:b]  # the model's own logits: the lens at l = L-1, exactly
         else:
-            logits = F.linear(flat[s:e], weight, bias)
+            z = F.linear(normed[l0:l1, a:b].reshape(rows, -1), weight, bias)
             if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
-        logp = logits.float().log_softmax(-1)
-        top = logp.topk(k, dim=-1)
-        tgt_idx = target.reshape(1, 1).expand(len(rows), 1)
-        # ranks: how many tokens score strictly higher (0 = top); float sums are exact here
-        rank_t = (logits > logits.gather(-1, tgt_idx)).float().sum(-1).long()
-        rank_f = (logits > logits.gather(-1, best[rows, None])).float().sum(-1).long()
-        kl = (ref_neg_entropy[rows] - torch.einsum("rv,rv->r", ref_p[rows], logp)).clamp_min(0)
-        entropy = -torch.einsum("rv,rv->r", logp.exp(), logp)
-        values = [top[0].exp(), top[1], logp.gather(-1, tgt_idx).squeeze(-1).exp(), rank_t, kl,
-                  entropy, rank_f]
+                z = torch.tanh(z / cap) * cap
         if keep:
-            values.append(logits)
-        for out, value in zip(parts, values, strict=False):
-            out.append(value)
-    shapes = [(k,), (k,), (), (), (), (), (), (vocab,)]
-    return tuple(torch.cat(p).reshape(n_layers, n_tok, *shape) for p, shape in zip(parts, shapes, strict=False))
+            out[7][l0:l1, a:b] = z.reshape(l1 - l0, b - a, vocab)
+        z = z.float()
+        tmp, zc = scratch[:rows], shifted[:rows]
+        z_target = z[:, target.reshape(())].unsqueeze(-1)
+        z_best = z.gather(-1, best[a:b].repeat(l1 - l0)[:, None])
+        # ranks: how many tokens score strictly higher (0 = top); sums of 0./1. are exact here
+        rank_t = torch.sub(z, z_target, out=tmp).gt_(0).sum(-1)
+        rank_f = torch.sub(z, z_best, out=tmp).gt_(0).sum(-1)
+        top_z, top_ids = z.topk(k, dim=-1)
+        # shifted logits z - max keep every reduction below well conditioned
+        m = z.amax(-1, keepdim=True)
+        torch.sub(z, m, out=zc)
+        e = torch.exp(zc, out=tmp)
+        sum_e = e.sum(-1)
+        log_z = sum_e.log()  # log-normaliser of zc: logp = zc - log_z
+        entropy = log_z - torch.einsum("rv,rv->r", e, zc) / sum_e
+        cross = torch.einsum("ltv,tv->lt", zc.view(l1 - l0, b - a, vocab), ref_p[a:b]).reshape(rows)
+        kl = (ref_neg_entropy[a:b].repeat(l1 - l0) - cross + log_z * ref_mass[a:b].repeat(l1 - l0)).clamp_min(0)
+        values = [(top_z - m - log_z[:, None]).exp(), top_ids, (z_target.squeeze(-1) - m.squeeze(-1) - log_z).exp(),
+                  rank_t.long(), kl, entropy, rank_f.long()]
+        for dest, value in zip(out, values, strict=False):
+            dest[l0:l1, a:b] = value.reshape(l1 - l0, b - a, *value.shape[1:])
+    return out
+
+
+def _outputs(n_layers: int, n_tok: int, k: int, vocab: int, keep: bool, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, ...]:
+    def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.empty((n_layers, n_tok, *shape), dtype=dtype, device=device)
+    out = (empty(k), empty(k, dtype=torch.long), empty(), empty(dtype=torch.long), empty(),
+           empty(), empty(dtype=torch.long))
+    return out + ((empty(vocab, dtype=dtype),) if keep else ())
+
+
+def _chunks(n_layers: int, n_tok: int, budget: int, last: int) -> list[tuple[int, int, int, int]]:
+    """(l0, l1, a, b) blocks of layers l0..l1-1 x tokens a..b-1 with at most ``budget`` rows:
+    whole layers when a layer fits, else token ranges of one layer; the model's last layer
+    (``last``) is always a block of its own, because its logits are the model's."""
+    if n_tok > budget:
+        return [(lay, lay + 1, a, min(n_tok, a + budget))
+                for lay in range(n_layers) for a in range(0, n_tok, budget)]
+    per, blocks, lay = budget // n_tok, [], 0
+    while lay < n_layers:
+        end = lay + 1 if lay == last else min(n_layers, lay + per)
+        if lay < last < end:
+            end = last
+        blocks.append((lay, end, 0, n_tok))
+        lay = end
+    return blocks
 
 
 NAMES = ("top_probs", "top_ids", "target_prob", "target_rank", "kl", "entropy", "final_rank", "logits")

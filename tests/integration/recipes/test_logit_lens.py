@@ -76,6 +76,36 @@ def test_statistics_match_direct_computation(lens_model: OculiModel) -> None:
     assert ds.attrs["target_token"] == " Paris"
 
 
+@pytest.mark.parametrize("rows", [1, 4, 13])
+def test_chunked_reductions_equal_one_chunk(tiny: OculiModel, monkeypatch: pytest.MonkeyPatch,
+                                            rows: int) -> None:
+    """Chunks of token ranges inside a layer (1, 4 rows) or of whole layers (13 rows, 2 layers of
+    6 tokens) give the same statistics as one chunk for everything."""
+    import sys
+
+    whole = logit_lens(tiny, PROMPT, top_k=4, target=" Paris", keep_logits=True)
+    module = sys.modules["oculi_dsl.recipes.logit_lens"]
+    monkeypatch.setattr(module, "CHUNK_BYTES", rows * 4 * tiny.info.vocab)
+    chunked = logit_lens(tiny, PROMPT, top_k=4, target=" Paris", keep_logits=True)
+    for name in whole.data_vars:
+        if whole[name].dtype.kind in "iuU":
+            np.testing.assert_array_equal(chunked[name].values, whole[name].values, err_msg=name)
+        else:
+            np.testing.assert_allclose(chunked[name].values, whole[name].values, atol=1e-6, err_msg=name)
+
+
+def test_chunk_blocks_cover_every_row_once() -> None:
+    from oculi_dsl.recipes.logit_lens import _chunks
+
+    for n_layers, n_tok, budget, last in [(30, 10, 165, 29), (30, 10, 165, -1), (4, 6, 13, 3),
+                                          (4, 6, 4, 3), (5, 77, 30, 2), (3, 1, 1, 0)]:
+        blocks = _chunks(n_layers, n_tok, budget, last)
+        cells = [(lay, tok) for l0, l1, a, b in blocks for lay in range(l0, l1) for tok in range(a, b)]
+        assert sorted(cells) == [(lay, tok) for lay in range(n_layers) for tok in range(n_tok)]
+        assert all((l1 - l0) * (b - a) <= budget for l0, l1, a, b in blocks)
+        assert all(l1 - l0 == 1 for l0, l1, _, _ in blocks if l0 <= last < l1)  # the model's own
+
+
 def test_one_forward_pass_and_selection(tiny: OculiModel) -> None:
     with count_forwards(tiny) as calls:
         ds = logit_lens(tiny, PROMPT, layers=[0, 2], positions=[-1, 1], top_k=3)
