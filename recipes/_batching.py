@@ -171,14 +171,14 @@ def run_sweep(model: Any, *, source: Any, base: Any, cells: Sequence[Sequence[Ed
     resume = sorted({s for s in starts if s > 0})
     states: dict[str, torch.Tensor] = {}
     out: list[torch.Tensor] = []
-    bar = tqdm(list(zip(chunks, starts, strict=True)), desc=desc, unit="pass",
+    bar = tqdm(list(enumerate(zip(chunks, starts, strict=True))), desc=desc, unit="pass",
                disable=not progress or len(chunks) < 2, leave=False, dynamic_ncols=True)
-    for chunk, start in bar:
+    for k, (chunk, start) in bar:
         with oculi.trace(model) as t:
             src = t.invoke(source)
             if start:
                 src.layers[start].resid_pre = states[f"source{start}"]
-            elif resume:
+            elif k == 0 and resume:
                 unpatched = t.invoke(base)
                 if prepare is not None:
                     prepare(unpatched)
@@ -197,8 +197,8 @@ def run_sweep(model: Any, *, source: Any, base: Any, cells: Sequence[Sequence[Ed
                     _apply(x, src, edit, multi_rows, cache)
                 reads.append(x.layers[last].resid_post[..., position, :])
             measure(unembed(model, torch.stack(reads)), len(chunk)).save("metric")
-        if not start:
-            states = {k: v.detach() for k, v in t.saved.items() if k != "metric"}
+        if k == 0:
+            states = {name: v.detach() for name, v in t.saved.items() if name != "metric"}
         out.append(t.saved["metric"].detach().float().cpu().reshape(len(chunk)))
     scores = torch.empty(len(cells))
     scores[order] = torch.cat(out)

@@ -38,8 +38,10 @@ def test_logit_lens_finds_paris(default_model: OculiModel) -> None:
 
 def test_patching_equals_hook_loop(default_model: OculiModel) -> None:
     sites, layers = ["resid_post", "attn.out", "mlp.out"], [0, 29]
+    # 4 cells per pass, in layer order: the last pass resumes at layer 29 (layers 0-28 not run)
     ds = activation_patching(default_model, PROMPT, CORRUPT, sites=sites, layers=layers,
-                             tokens=[-2, -1], target=" Paris", progress=False)
+                             tokens=[-2, -1], target=" Paris", chunk_size=4, progress=False)
+    assert ds.attrs["forward_passes"] == 1 + 3
     cells = [(s, lay, None, tok) for s in sites for lay in layers for tok in (3, 4)]
     target = ds.attrs["target_id"]
     ref = patch_loop(default_model, _ids(default_model, PROMPT), _ids(default_model, CORRUPT), cells,
@@ -53,7 +55,7 @@ def test_causal_trace_equals_rome_loop(default_model: OculiModel) -> None:
     ids = _ids(default_model, PROMPT)
     for kind, site in ((None, "resid_post"), ("mlp", "mlp.out")):
         ds = causal_trace(default_model, PROMPT, subject="France", kind=kind, samples=3,
-                          layers=[0, 10, 20], progress=False)
+                          layers=[0, 10, 20], chunk_size=2, progress=False)  # later passes resume
         nu = 3.0 * matrix_std(default_model)
         assert abs(ds.attrs["nu"] - nu) < 1e-6
         cells = [([lay] if kind is None else window_layers(lay, 10, 30), site, tok)
