@@ -6,7 +6,7 @@ user's line) and to derive each saved value's dim labels, and every node is sche
 earliest site in forward order where all its inputs exist. Only nodes that feed a save or an
 edit are kept. The forward may stop right after the last site that is read, and it may start
 late: when every row's input to layer s (``resid_pre``) is assigned outright and nothing
-earlier is read, layers 0..s-1 are dead code and are not run (:func:`_start_layer`).
+earlier is read, layers 0..s-1 are dead code and are not run (:mod:`._late_start`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import torch
 import torch.fx
 
 from . import _ops, dims
+from ._late_start import start_layer, upstream
 from .dims import Axis, Labels
 from .errors import CompileError, OculiError
 from .inputs import Batch, Segment, build_batch, pad_token_id
 from .models import OculiModel
+from .past import KEY_AXIS_SITES
 from .plan import Order, Plan, Save, Step
 from .proxy import Recorder, SiteKey
 from .sites import SiteRef, layer_site, model_site
@@ -68,10 +70,14 @@ def _module_order(path: str, layers: str, n_layers: int, model: OculiModel) -> O
 
 def compile_plan(recorder: Recorder, model: OculiModel,
                  invokes: Sequence[tuple[list[list[int]], list[str], bool]],
-                 *, stop_early: bool = True) -> Plan:
+                 *, stop_early: bool = True, pasts: Sequence[Any] = ()) -> Plan:
     """Resolve, check and schedule a recording. Raises :class:`CompileError` on any problem."""
-    batch = build_batch(model.tokenizer, invokes, pad_token_id(model.tokenizer, model.hf.config))
+    info = model.info
+    batch = build_batch(model.tokenizer, invokes, pad_token_id(model.tokenizer, model.hf.config),
+                        pasts, (info.n_layers, info.n_kv_heads, info.d_head))
     sites = {key: _Site(key[1], model) for key in {*recorder.reads, *recorder.current}}
+    if batch.past is not None:
+        _check_no_key_axis(sites, batch.past.length)
     writes = {key: node for key, node in recorder.current.items() if node is not recorder.reads.get(key)}
     needed = _needed(recorder, writes)
     meta, labels = _check_and_label(recorder, model, batch, sites, needed)
@@ -92,9 +98,19 @@ def compile_plan(recorder: Recorder, model: OculiModel,
         for name, node in recorder.saves
     )
     release = _release_points(recorder.graph, needed, set(writes.values()), ready)
-    start = _start_layer(recorder, batch, sites, writes) if stop_early else 0
+    start = start_layer(recorder, batch, {k: v.order for k, v in sites.items()}, writes) if stop_early else 0
     return Plan(recorder.graph, dict(recorder.constants), batch, steps, prelude, saves, stop, meta,
                 release, start)
+
+
+def _check_no_key_axis(sites: dict[SiteKey, _Site], length: int) -> None:
+    """Keys and values at the attention function include the cached positions: refuse them."""
+    keyed = sorted({key[1].label for key in sites if key[1].kind == "layer" and key[1].name in KEY_AXIS_SITES})
+    if keyed:
+        raise CompileError(
+            f"{', '.join(keyed)} cannot be read or edited in a trace that resumes from past= (the "
+            f"keys of positions 0..{length - 1} are the cached input, not computed here). Read "
+            "them in a trace without past=; attn.q and attn.z (one row per new position) work.")
 
 
 def _release_points(graph: torch.fx.Graph, needed: set[torch.fx.Node], keep: set[torch.fx.Node],
@@ -144,17 +160,7 @@ def _where(key: SiteKey) -> str:
 
 def _needed(recorder: Recorder, writes: dict[SiteKey, torch.fx.Node]) -> set[torch.fx.Node]:
     """Nodes that feed a save or an edit; everything else is never run."""
-    return _upstream([node for _, node in recorder.saves] + list(writes.values()))
-
-
-def _upstream(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
-    todo, seen = list(roots), set()
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(node.all_input_nodes)
-    return seen
+    return upstream([node for _, node in recorder.saves] + list(writes.values()))
 
 
 def _schedule(recorder: Recorder, sites: dict[SiteKey, _Site], needed: set[torch.fx.Node]) -> dict[torch.fx.Node, Order]:
@@ -215,58 +221,6 @@ def _stop_site(by_site: dict[SiteRef, Any], located: dict[SiteRef, _Site], model
     return site
 
 
-def _start_layer(recorder: Recorder, batch: Batch, sites: dict[SiteKey, _Site],
-                 writes: dict[SiteKey, torch.fx.Node]) -> int:
-    """The first layer the forward must run (0: all of them).
-
-    Layers before s are dead when (1) every invoke assigns its whole ``resid_pre`` of layer s
-    (``x.layers[s].resid_pre = value``; later edits of it are fine), (2) that site's arriving
-    value is used by nothing but those assignments, which only take its shape, (3) nothing the
-    saves and the edits from s on depend on is read earlier in the forward (edits before s are
-    dead too: their effect is overwritten), and (4) no row is padded (padding positions are
-    not part of any invoke's view, so no assignment covers them).
-    """
-    if batch.attention_mask is not None:
-        return 0
-    n_invokes = len(batch.segments)
-    by_layer: dict[int, dict[int, SiteKey]] = defaultdict(dict)
-    for key in writes:
-        site = key[1]
-        if site.kind == "layer" and site.name == "resid_pre" and site.layer:
-            by_layer[int(site.layer)][key[0]] = key  # type: ignore[arg-type]
-    for layer in sorted((s for s, ks in by_layer.items() if len(ks) == n_invokes), reverse=True):
-        keys = by_layer[layer].values()
-        live = _upstream([node for _, node in recorder.saves]
-                         + [w for k, w in writes.items() if sites[k].order >= (layer, 0.0)])
-        arriving = {recorder.reads[k] for k in keys if k in recorder.reads}
-        if all(_assigned_outright(writes[k], recorder.reads.get(k)) for k in keys) \
-                and all(_shape_only_uses(r, live) for r in arriving) \
-                and all(sites[k].order >= (layer, 0.0) for k, node in recorder.reads.items()
-                        if node in live and node not in arriving):
-            return layer
-    return 0
-
-
-def _shape_only_uses(read: torch.fx.Node, needed: set[torch.fx.Node]) -> bool:
-    """True if every needed user of ``read`` is an assignment that replaces it (shape only)."""
-    return all(u.target in (_ops.assign, _ops.assign_layer) and u.args[0] is read
-               and read not in u.args[1:] for u in read.users if u in needed)
-
-
-def _assigned_outright(written: torch.fx.Node, read: torch.fx.Node | None) -> bool:
-    """The written value descends from an assignment replacing ``read`` (not from ``read`` itself)."""
-    todo, seen = [written], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.target in (_ops.assign, _ops.assign_layer) and n.args[0] is read:
-            return True
-        todo.extend(n.all_input_nodes)
-    return False
-
-
 def _site_reads(node: Any) -> list[torch.fx.Node]:
     """The site reads a value was computed from."""
     reads, todo, seen = [], [node], set()
@@ -291,14 +245,17 @@ def _site_labels(node: Any) -> tuple[str, ...]:
 
 # -- meta run: shapes, dtypes, indices, labels --------------------------------------------------
 
-def _site_meta(site: _Site, seg: Segment, model: OculiModel) -> tuple[torch.Tensor | None, Labels | None]:
+def _site_meta(site: _Site, seg: Segment, model: OculiModel,
+               first: int = 0) -> tuple[torch.Tensor | None, Labels | None]:
+    """Meta value and labels of a site; token axes cover positions ``first``.. (past= resumes)."""
     if site.dims is None:
         return None, None
-    sizes = dict(model.info.dim_sizes(), token=seg.length, query=seg.length, key=seg.length)
+    new = seg.length - first
+    sizes = dict(model.info.dim_sizes(), token=new, query=new, key=seg.length)
     prefix: Labels = () if seg.single else (Axis("prompt", range(seg.stop - seg.start)),)
     shape = [len(prefix[0].index or ()) for _ in prefix] + [sizes[d] for d in site.dims]  # type: ignore[arg-type]
     value = torch.empty(shape, dtype=model.info.dtype, device="meta")
-    return value, dims.site_labels(site.dims, sizes, prefix)
+    return value, dims.site_labels(site.dims, sizes, prefix, {"token": first, "query": first})
 
 
 def _check_and_label(recorder: Recorder, model: OculiModel, batch: Batch, sites: dict[SiteKey, _Site],
@@ -313,7 +270,7 @@ def _check_and_label(recorder: Recorder, model: OculiModel, batch: Batch, sites:
             continue
         if node in site_of:
             key = site_of[node]
-            meta[node], labels[node] = _site_meta(sites[key], batch.segments[key[0]], model)
+            meta[node], labels[node] = _site_meta(sites[key], batch.segments[key[0]], model, batch.first)
             continue
         if node.op == "get_attr":
             meta[node], labels[node] = constants[node.target], param_labels.get(node.target)

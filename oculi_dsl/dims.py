@@ -49,9 +49,13 @@ _SAME_SHAPE_FIRST = {"softmax", "log_softmax", "cumsum", "cumprod", "to", "float
                      "type_as", "masked_fill", "clamp", "round", "sign", "square", "where"}
 
 
-def site_labels(dims: Sequence[str], sizes: dict[str, int], prefix: Labels = ()) -> Labels:
-    """Labels of a site value: ``prefix`` (prompt/layer) + the site's dims with positions."""
-    return prefix + tuple(Axis(d, range(sizes[d]) if d in sizes else None) for d in dims)
+def site_labels(dims: Sequence[str], sizes: dict[str, int], prefix: Labels = (),
+                starts: dict[str, int] | None = None) -> Labels:
+    """Labels of a site value: ``prefix`` (prompt/layer) + the site's dims with positions
+    (``starts``: the first position of an axis, when a forward resumes after cached ones)."""
+    starts = starts or {}
+    return prefix + tuple(
+        Axis(d, range(starts.get(d, 0), starts.get(d, 0) + sizes[d]) if d in sizes else None) for d in dims)
 
 
 def propagate(fn: Any, args: Sequence[Any], kwargs: dict[str, Any], arg_labels: Sequence[Any],

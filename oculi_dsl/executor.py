@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _ops, attention
+from . import _ops, attention, past
 from .dims import TOKEN_LIKE
 from .errors import ExecutionError, OculiError
 from .inputs import Segment
@@ -258,8 +258,12 @@ def execute(plan: Plan, model: OculiModel, *, grad: bool = False,
             if generate is not None:
                 output = model.hf.generate(**plan.batch.generate_kwargs(model.device), **generate)  # type: ignore[operator]
             else:
+                kwargs = plan.batch.model_kwargs(model.device)
+                if plan.batch.past is not None:
+                    name, cache = past.model_cache(model, plan.batch.past, model.device, model.info.dtype)
+                    kwargs[name] = cache
                 with suppress(_StopForward), _skipping(model, plan.start_layer):
-                    model.hf(**plan.batch.model_kwargs(model.device), use_cache=False)
+                    model.hf(**kwargs, use_cache=False)
     except OculiError:
         raise
     except Exception as err:

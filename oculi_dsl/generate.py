@@ -27,7 +27,7 @@ import xarray as xr
 from .dims import TOKEN_LIKE, Axis
 from .errors import RecordError, ResultError
 from .plan import Plan, Save
-from .trace import Trace
+from .trace import Invoke, Trace
 
 
 class StepSelector:
@@ -64,6 +64,12 @@ class Generate(Trace):
     @property
     def steps(self) -> StepSelector:
         return StepSelector(self)
+
+    def invoke(self, prompt: Any, *, past: Any = None) -> Invoke:
+        if past is not None:
+            raise RecordError("oculi.generate runs each prompt from its first token: past= is an "
+                              "option of oculi.trace, not of generation.")
+        return super().invoke(prompt)
 
     def _run(self, plan: Plan) -> dict[str, Any]:
         """One ``model.generate`` call; saved values are kept per step."""

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import RecordError
+from .errors import CompileError, RecordError
+from .past import Past, stack
 
 Prompt = str | Sequence[int] | torch.Tensor
 
@@ -44,13 +45,19 @@ class Batch:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     segments: tuple[Segment, ...]
+    past: Past | None = None  # cached keys/values of the first positions (then no padding)
 
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def first(self) -> int:
+        """The first position the forward runs (> 0 when resuming from ``past``)."""
+        return self.past.length if self.past is not None else 0
+
     def model_kwargs(self, device: torch.device) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"input_ids": self.input_ids.to(device)}
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids[:, self.first:].to(device)}
         if self.attention_mask is not None:
             kwargs["attention_mask"] = self.attention_mask.to(device)
             kwargs["position_ids"] = self.position_ids.to(device)  # type: ignore[union-attr]
@@ -118,9 +125,11 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> tuple[str, ...]:
 
 
 def build_batch(
-    tokenizer: Any, invokes: Sequence[tuple[list[list[int]], list[str], bool]], pad_id: int
+    tokenizer: Any, invokes: Sequence[tuple[list[list[int]], list[str], bool]], pad_id: int,
+    pasts: Sequence[Any] = (), sizes: tuple[int, int, int] | None = None,
 ) -> Batch:
-    """Left-pad every invoke's prompts into one batch."""
+    """Left-pad every invoke's prompts into one batch; ``pasts`` (per invoke, see
+    :mod:`oculi_dsl.past`) need ``sizes`` = (n_layers, n_kv_heads, d_head)."""
     rows = [row for ids, _, _ in invokes for row in ids]
     length = max(len(r) for r in rows)
     padded = any(len(r) != length for r in rows)
@@ -136,6 +145,13 @@ def build_batch(
         segments.append(Segment(start, start + len(ids), seg_len, single, tuple(texts),
                                 tuple(tuple(r) for r in ids), strs))
         start += len(ids)
+    if any(p is not None for p in pasts):
+        if padded:
+            raise CompileError("past= needs prompts of one length (no padding): these have "
+                               f"{sorted({len(r) for r in rows})} tokens.")
+        past = stack(pasts, [s.stop - s.start for s in segments], [s.length for s in segments],
+                     *sizes)  # type: ignore[misc]
+        return Batch(input_ids, None, None, tuple(segments), past)
     if not padded:
         return Batch(input_ids, None, None, tuple(segments))
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -26,6 +26,7 @@ import xarray as xr
 from . import _ops, inputs
 from .errors import RecordError, SiteError, did_you_mean
 from .models import OculiModel, wrap
+from .past import check_past
 from .proxy import OculiProxy, Recorder, SiteBinding, SiteKey, layer_part
 from .sites import SiteRef, layer_site, model_site
 
@@ -36,11 +37,12 @@ if TYPE_CHECKING:
 class Invoke:
     """One prompt (or list of prompts) in a trace; its sites are proxies into its batch rows."""
 
-    def __init__(self, trace: Trace, index: int, prompt: Any):
+    def __init__(self, trace: Trace, index: int, prompt: Any, past: Any = None):
         self._trace = trace
         self._index = index
         model = trace.model
         self._encoded = inputs.encode(model.tokenizer, prompt)
+        self._past = check_past(past)
 
     def __enter__(self) -> Invoke:
         return self
@@ -256,7 +258,8 @@ class ModuleView:
 class Trace:
     """A recording over one model; runs once, in one forward pass, when the block exits."""
 
-    def __init__(self, model: Any, prompt: Any = None, *, grad: bool = False, stop_early: bool = True):
+    def __init__(self, model: Any, prompt: Any = None, *, grad: bool = False, stop_early: bool = True,
+                 past: Any = None):
         self.model: OculiModel = wrap(model)
         self._recorder = Recorder()
         self._recorder.info = self.model.info
@@ -266,13 +269,20 @@ class Trace:
         self._plan: Plan | None = None
         self._saved: dict[str, Any] | None = None
         self._result: xr.Dataset | None = None
-        self._default = self.invoke(prompt) if prompt is not None else None
+        self._default = self.invoke(prompt, past=past) if prompt is not None else None
+        if prompt is None and past is not None:
+            raise RecordError("past= belongs to a prompt: pass the prompt too, or give past= to "
+                              "t.invoke(prompt, past=...).")
 
     # -- recording -------------------------------------------------------------------------
-    def invoke(self, prompt: Any) -> Invoke:
-        """Add a prompt (or list of prompts, or token ids) to this trace's single batch."""
+    def invoke(self, prompt: Any, *, past: Any = None) -> Invoke:
+        """Add a prompt (or list of prompts, or token ids) to this trace's single batch.
+
+        ``past=(k, v)``: the keys and values of the prompt's first c positions (as saved from
+        ``attn.k`` / ``attn.v``); the forward then runs positions c.. only (:mod:`oculi_dsl.past`).
+        """
         self._recorder.check_open("a new invoke")
-        inv = Invoke(self, len(self._invokes), prompt)
+        inv = Invoke(self, len(self._invokes), prompt, past)
         self._invokes.append(inv)
         return inv
 
@@ -326,7 +336,7 @@ class Trace:
         if not self._invokes:
             raise RecordError("The trace has no prompt: pass one to oculi.trace() or call t.invoke().")
         self._plan = compile_plan(self._recorder, self.model, [i._encoded for i in self._invokes],
-                                  stop_early=self._stop_early)
+                                  stop_early=self._stop_early, pasts=[i._past for i in self._invokes])
         self._saved = self._run(self._plan)
         self._recorder.results = self._saved
         return False
@@ -368,14 +378,16 @@ class Trace:
         return self._result
 
 
-def trace(model: Any, prompt: Any = None, *, grad: bool = False, stop_early: bool = True) -> Trace:
+def trace(model: Any, prompt: Any = None, *, grad: bool = False, stop_early: bool = True,
+          past: Any = None) -> Trace:
     """Open a trace over ``model`` (an :class:`OculiModel` or a HF model).
 
     ``prompt`` is a string, a list of strings, or token ids; omit it and use ``t.invoke()`` to
     put several prompts in one batch. ``grad=True`` keeps autograd on. ``stop_early`` runs only
     the part of the forward pass the trace needs: it ends after the last site read, and starts
     at layer s when every prompt's ``resid_pre`` of layer s is assigned and nothing earlier is
-    read (``t.plan.start_layer``); ``stop_early=False`` runs the whole model.
+    read (``t.plan.start_layer``); ``stop_early=False`` runs the whole model. ``past=(k, v)``
+    resumes ``prompt`` after the positions whose keys and values it holds (:mod:`oculi_dsl.past`).
 
     >>> import oculi_dsl as oculi
     >>> model = oculi.testing.tiny_model("gpt2")
@@ -388,4 +400,4 @@ def trace(model: Any, prompt: Any = None, *, grad: bool = False, stop_early: boo
     >>> t.result["patched"].dims
     ('vocab',)
     """
-    return Trace(model, prompt, grad=grad, stop_early=stop_early)
+    return Trace(model, prompt, grad=grad, stop_early=stop_early, past=past)

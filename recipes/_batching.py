@@ -27,6 +27,7 @@ import torch
 
 import oculi_dsl as oculi
 
+from ._chunks import Chunk, first_position, plan_chunks, shifted
 from ._errors import RecipeError
 
 __all__ = ["Edit", "cells_per_chunk", "parse_budget", "run_sweep", "softcap", "unembed"]
@@ -36,6 +37,9 @@ DEFAULT_BUDGET = 2 * 1024**3  # bytes of activations per chunk
 # (SmolLM2, 2 cores: 50-400 rows of 10 tokens run at the same speed; 810 rows are 1.6× slower).
 MAX_CHUNK_TOKENS = {"cpu": 1024}
 MAX_CHUNK_TOKENS_OTHER = 1 << 16
+# Passes a sweep may add to the fewest when resuming later passes cuts the compute (a CPU
+# forward costs what it computes; an accelerator's mostly what it launches, so none there).
+SPARE_PASSES = {"cpu": 1}
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -146,63 +150,84 @@ def run_sweep(model: Any, *, source: Any, base: Any, cells: Sequence[Sequence[Ed
               progress: bool = True, desc: str = "patching") -> tuple[torch.Tensor, int]:
     """Run every cell (a list of edits) as a patched copy of ``base``; return (metrics, passes).
 
-    ``source`` and ``base`` are prompts (token ids); ``base`` may hold several rows (one copy per
-    row, e.g. ROME's noised copies; ``multi_rows=True``). ``prepare(x)`` records edits every
-    copy shares (noise on the embeddings). ``measure(logits, n)`` maps the stacked readout logits
-    (n cells, [row,] vocab) at ``position`` to one value per cell (proxy ops, recorded).
+    ``source`` and ``base`` are prompts (token ids) of one length; ``base`` may hold several
+    rows (one copy per row, e.g. ROME's noised copies; ``multi_rows=True``). ``prepare(x)``
+    records edits every copy shares (noise on the embeddings). ``measure(logits, n)`` maps the
+    stacked readout logits (n cells, [row,] vocab) at ``position`` to one value per cell.
 
-    Cells are run in order of their first patched layer. Nothing a cell patches at layer l or
-    later changes layers 0..l-1, so the first chunk also saves the unpatched source and base
-    inputs (``resid_pre``) of the layers where later chunks start, and every later chunk assigns
-    them and resumes the forward there: its earlier layers are not run at all
-    (``Plan.start_layer``). Same passes, about half the layer computations for a full sweep.
+    Passes are planned by :func:`~._chunks.plan_chunks`: the first runs in full and also saves
+    both runs' layer inputs and attention keys/values; every later pass resumes at the first
+    layer and position its cells patch (``resid_pre`` assigned, ``past=`` for earlier
+    positions), so nothing a patch cannot change is recomputed.
     """
     from tqdm.auto import tqdm
 
     if not cells:
         return torch.empty(0), 0
-    last = model.info.n_layers - 1
-    n_passes = n_chunks(len(cells), per_chunk)
-    size = math.ceil(len(cells) / n_passes)  # same number of passes, evenly filled
-    first = [min(e.layer for e in cell) for cell in cells]
-    order = sorted(range(len(cells)), key=first.__getitem__)
-    chunks = [order[i:i + size] for i in range(0, len(order), size)]
-    starts = [first[chunk[0]] if k else 0 for k, chunk in enumerate(chunks)]
-    resume = sorted({s for s in starts if s > 0})
-    states: dict[str, torch.Tensor] = {}
-    out: list[torch.Tensor] = []
-    bar = tqdm(list(enumerate(zip(chunks, starts, strict=True))), desc=desc, unit="pass",
-               disable=not progress or len(chunks) < 2, leave=False, dynamic_ncols=True)
-    for k, (chunk, start) in bar:
+    n_tok, last = len(source), model.info.n_layers - 1
+    rows = len(base) if multi_rows else 1
+    plan = plan_chunks([min(e.layer for e in c) for c in cells],
+                       [min(first_position(model, e, n_tok) for e in c) for c in cells],
+                       per_chunk, model.info.n_layers, n_tok, rows,
+                       SPARE_PASSES.get(torch.device(model.info.device).type, 0))
+    saved: dict[str, torch.Tensor] = {}
+    out: dict[int, torch.Tensor] = {}
+    bar = tqdm(plan, desc=desc, unit="pass", disable=not progress or len(plan) < 2, leave=False,
+               dynamic_ncols=True)
+    for k, chunk in enumerate(bar):
         with oculi.trace(model) as t:
-            src = t.invoke(source)
-            if start:
-                src.layers[start].resid_pre = states[f"source{start}"]
-            elif k == 0 and resume:
-                unpatched = t.invoke(base)
-                if prepare is not None:
-                    prepare(unpatched)
-                for layer in resume:
-                    src.layers[layer].resid_pre.save(f"source{layer}")
-                    unpatched.layers[layer].resid_pre.save(f"base{layer}")
+            src, x_of = _invokes(t, model, source, base, chunk, saved, prepare, plan[1:] if k == 0 else ())
             cache: dict[Edit, Any] = {}
             reads = []
-            for i in chunk:
-                x = t.invoke(base)
-                if start:
-                    x.layers[start].resid_pre = states[f"base{start}"]  # noise already in it
-                elif prepare is not None:
-                    prepare(x)
+            for i in chunk.cells:
+                x = x_of()
                 for edit in cells[i]:
-                    _apply(x, src, edit, multi_rows, cache)
-                reads.append(x.layers[last].resid_post[..., position, :])
-            measure(unembed(model, torch.stack(reads)), len(chunk)).save("metric")
+                    _apply(x, src, shifted(model, edit, chunk.position, n_tok), multi_rows, cache)
+                reads.append(x.layers[last].resid_post[..., position - chunk.position, :])
+            measure(unembed(model, torch.stack(reads)), len(chunk.cells)).save("metric")
         if k == 0:
-            states = {name: v.detach() for name, v in t.saved.items() if name != "metric"}
-        out.append(t.saved["metric"].detach().float().cpu().reshape(len(chunk)))
-    scores = torch.empty(len(cells))
-    scores[order] = torch.cat(out)
-    return scores, len(chunks)
+            saved = {name: v.detach() for name, v in t.saved.items() if name != "metric"}
+        for i, value in zip(chunk.cells, t.saved["metric"].detach().float().cpu().reshape(-1), strict=True):
+            out[i] = value
+    return torch.stack([out[i] for i in range(len(cells))]), len(plan)
+
+
+def _invokes(t: Any, model: Any, source: Any, base: Any, chunk: Chunk, saved: dict[str, torch.Tensor],
+             prepare: Callable[[Any], None] | None, later: Sequence[Chunk]) -> tuple[Any, Callable[[], Any]]:
+    """The source invoke and a factory of patched copies, resumed as ``chunk`` says. The first
+    pass (``later`` given) also saves what the later passes resume from."""
+    if not (chunk.layer or chunk.position):
+        src = t.invoke(source)
+        if later:
+            unpatched = t.invoke(base)
+            if prepare is not None:
+                prepare(unpatched)
+            for layer in sorted({c.layer for c in later}):
+                src.layers[layer].resid_pre.save(f"source_in{layer}")
+                unpatched.layers[layer].resid_pre.save(f"base_in{layer}")
+            if any(c.position for c in later):
+                for name, invoke in (("source", src), ("base", unpatched)):
+                    invoke.layers[:].attn.k.save(f"{name}_k")
+                    invoke.layers[:].attn.v.save(f"{name}_v")
+
+        def fresh() -> Any:
+            x = t.invoke(base)
+            if prepare is not None:
+                prepare(x)
+            return x
+        return src, fresh
+    c, layer = chunk.position, chunk.layer
+
+    def past(name: str) -> Any:
+        return (saved[f"{name}_k"][..., :c, :], saved[f"{name}_v"][..., :c, :]) if c else None
+    src = t.invoke(source, past=past("source"))
+    src.layers[layer].resid_pre = saved[f"source_in{layer}"][..., c:, :]
+
+    def resumed_copy() -> Any:
+        x = t.invoke(base, past=past("base"))
+        x.layers[layer].resid_pre = saved[f"base_in{layer}"][..., c:, :]  # noise already in it
+        return x
+    return src, resumed_copy
 
 
 def baseline_logits(model: Any, prompts: Sequence[Any], position: int,

@@ -9,7 +9,7 @@ import pytest
 
 # Modules whose docstrings carry examples; each must have at least one.
 MODULES = (
-    "oculi_dsl", "oculi_dsl.trace", "oculi_dsl.generate", "oculi_dsl.models", "oculi_dsl.sites",
+    "oculi_dsl", "oculi_dsl.trace", "oculi_dsl.past", "oculi_dsl.generate", "oculi_dsl.models", "oculi_dsl.sites",
     "oculi_dsl.io", "oculi_dsl.testing", "oculi_dsl._cli_patching", "oculi_dsl.recipes",
     "oculi_dsl.recipes.logit_lens", "oculi_dsl.recipes.patching", "oculi_dsl.recipes.causal_trace",
     "oculi_dsl.recipes.entropy", "oculi_dsl.recipes.head_scores", "oculi_dsl.recipes.heads",

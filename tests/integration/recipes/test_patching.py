@@ -144,7 +144,8 @@ def test_memory_budget_sets_chunks() -> None:
     big = activation_patching(model, CLEAN, CORRUPT, sites=["resid_post"], tokens="all",
                               progress=False)
     assert small.attrs["chunk_size"] < big.attrs["chunk_size"]
-    assert small.attrs["forward_passes"] > big.attrs["forward_passes"] == 2
+    # one chunk, plus the baseline pass, plus at most one pass added to resume the rest later
+    assert small.attrs["forward_passes"] > big.attrs["forward_passes"] <= 3
     np.testing.assert_allclose(small["metric"].values, big["metric"].values, atol=1e-6)
 
 
