@@ -6,7 +6,8 @@ cells into ONE trace: the source run (e.g. the clean prompt) is the first invoke
 cell is its own invoke whose edits read the source invoke's values, so the clean activations
 flow into the patched copies inside the same forward pass, with no extra run. Each chunk is
 one forward; a progress bar counts chunks. How many cells share a chunk follows ``chunk_size``
-or a memory budget (:func:`cells_per_chunk`).
+or a memory budget (:func:`cells_per_chunk`); which cells share one, and where each later pass
+resumes (first layer, first position), follows :mod:`._chunks`.
 
 Each patched copy is read out at ONE position: the last layer's ``resid_post`` there, unembedded
 with the model's own final norm and unembedding module (plus logit soft-capping when the
