@@ -54,3 +54,21 @@ def test_second_load_comes_from_cache(default_model: OculiModel,
     assert elapsed < 10, f"cached load took {elapsed:.1f} s"
     for a, b in zip(again.hf.parameters(), default_model.hf.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_resuming_from_cached_keys_and_a_late_layer(default_model: OculiModel) -> None:
+    """past= plus an assigned layer input: only layers 12.. at positions 3.. run, and the
+    logits there equal a plain HF forward."""
+    ids = torch.tensor([default_model.tokenizer(PROMPT)["input_ids"]])
+    with oculi.trace(default_model, PROMPT) as full:
+        full.layers[:].attn.k.save("k")
+        full.layers[:].attn.v.save("v")
+        full.layers[12].resid_pre.save("state")
+    c = 3
+    with oculi.trace(default_model, PROMPT, past=(full.saved["k"][..., :c, :], full.saved["v"][..., :c, :])) as t:
+        t.layers[12].resid_pre = full.saved["state"][c:]
+        t.logits.save("logits")
+    assert (t.plan.start_layer, t.plan.batch.first) == (12, c)
+    with torch.no_grad():
+        hf = default_model.hf(input_ids=ids).logits[0, c:]
+    torch.testing.assert_close(t.saved["logits"], hf, atol=1e-4, rtol=0)
