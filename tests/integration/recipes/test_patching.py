@@ -174,6 +174,19 @@ def test_aliases_and_result_helpers(tmp_path) -> None:
     assert back.attrs["definition"] == ds.attrs["definition"]
 
 
+def test_head_and_token_cells_in_resumed_passes_equal_hook_loop(tiny: OculiModel) -> None:
+    """Per-head z at every position, 5 cells a pass: later passes resume at their first layer
+    and position (past= keys/values), and every cell equals its own plain forward."""
+    ds = activation_patching(tiny, CLEAN, CORRUPT, sites=["head"], heads=[0, 3], tokens="all",
+                             chunk_size=5, progress=False)
+    target = ds.attrs["target_id"]
+    cells = [("attn.z", lay, h, tok) for lay in range(tiny.info.n_layers) for h in (0, 3)
+             for tok in ds["token"].values.tolist()]
+    ref = patch_loop(tiny, _ids(tiny, CLEAN), _ids(tiny, CORRUPT), cells, -1, _prob(target))
+    np.testing.assert_allclose(ds["metric"].values.reshape(-1), ref, atol=1e-5, rtol=0)
+    assert ds.attrs["forward_passes"] <= math.ceil(ds.attrs["cells"] / 5) + 2
+
+
 def test_q_k_v_pattern_per_head_run() -> None:
     model = oculi.testing.tiny_model("llama")
     ds = activation_patching(model, CLEAN, CORRUPT, sites=["attn.q", "attn.pattern"], heads="all",
