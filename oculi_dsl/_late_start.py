@@ -69,13 +69,5 @@ def _shape_only_uses(read: torch.fx.Node, needed: set[torch.fx.Node]) -> bool:
 
 def _assigned_outright(written: torch.fx.Node, read: torch.fx.Node | None) -> bool:
     """The written value descends from an assignment replacing ``read`` (not from ``read`` itself)."""
-    todo, seen = [written], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.target in (_ops.assign, _ops.assign_layer) and n.args[0] is read:
-            return True
-        todo.extend(n.all_input_nodes)
-    return False
+    return any(n.target in (_ops.assign, _ops.assign_layer) and n.args[0] is read
+               for n in upstream([written]))

@@ -58,15 +58,8 @@ def layer_list(model: Any, layers: Any) -> list[int]:
     n = model.info.n_layers
     if layers is None:
         return list(range(n))
-    if isinstance(layers, slice):
-        chosen: list[Any] = list(range(n)[layers])
-    elif isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
-        chosen = [int(layers)]
-    elif isinstance(layers, (list, tuple, range, np.ndarray)):
-        chosen = [int(i) if isinstance(i, np.integer) else i for i in layers]
-    else:
-        chosen = [layers]
-    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n]
+    chosen = list(range(n)[layers]) if isinstance(layers, slice) else _items(layers)
+    bad = _out_of_range(chosen, n)
     if bad or not chosen:
         raise RecipeError(f"layers={layers!r} is not a valid selection ({bad or 'empty'}): the "
                           f"model has {n} layers, 0..{n - 1} (or -{n}..-1). Give an int, a "
@@ -83,14 +76,8 @@ def index_list(value: Any, n: int, what: str, example: str) -> list[int] | None:
             return list(range(n))
         raise RecipeError(f"{what}={value!r} is not understood: give None, 'all', an int or a "
                           f"list of ints in 0..{n - 1}, e.g. {what}={example}.")
-    items: Sequence[Any]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        items = [int(value)]
-    elif isinstance(value, (list, tuple, range, np.ndarray)):
-        items = [int(i) if isinstance(i, np.integer) else i for i in value]
-    else:
-        items = [value]
-    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n]
+    items = _items(value)
+    bad = _out_of_range(items, n)
     if bad or not items:
         raise RecipeError(f"{what}={value!r} has invalid entries {bad or '(empty)'}: valid are "
                           f"0..{n - 1} (or -{n}..-1), 'all', or None. Example: {what}={example}.")
@@ -98,6 +85,19 @@ def index_list(value: Any, n: int, what: str, example: str) -> list[int] | None:
     if len(set(out)) != len(out):
         raise RecipeError(f"{what}={value!r} lists the same {what[:-1]} twice; give each once.")
     return out
+
+
+def _items(value: Any) -> list[Any]:
+    """An int or a sequence of ints (numpy ints included) as a list; anything else as [value]."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return [int(value)]
+    if isinstance(value, (list, tuple, range, np.ndarray)):
+        return [int(i) if isinstance(i, np.integer) else i for i in value]
+    return [value]
+
+
+def _out_of_range(items: Sequence[Any], n: int) -> list[Any]:
+    return [i for i in items if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n]
 
 
 def site_index(model: Any, site: str, head: int | None, token: int | None) -> tuple[Any, ...] | None:

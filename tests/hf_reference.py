@@ -218,6 +218,23 @@ def _edit_output(fn: Callable[..., Any]) -> Callable[..., Any]:
 # -- counting calls --------------------------------------------------------------------------
 
 @contextlib.contextmanager
+def attend_calls(monkeypatch: Any) -> Iterator[list[int]]:
+    """Record the layer index of every call of ``oculi_dsl.attention.attend`` (the eager path
+    oculi routes touched layers through), via pytest's ``monkeypatch``."""
+    import oculi_dsl.attention as attention_mod
+
+    calls: list[int] = []
+    real = attention_mod.attend
+
+    def spy(fire: Any, steps: Any, module: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(module.layer_idx)
+        return real(fire, steps, module, *args, **kwargs)
+
+    monkeypatch.setattr(attention_mod, "attend", spy)
+    yield calls
+
+
+@contextlib.contextmanager
 def count_calls(mod: torch.nn.Module) -> Iterator[list[int]]:
     """Count forward calls of ``mod`` (a pre-hook, removed on exit): ``len(calls)``."""
     calls: list[int] = []

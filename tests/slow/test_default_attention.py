@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from hf_reference import eager, ids_of
+from hf_reference import attend_calls, eager, ids_of
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import oculi_dsl as oculi
-import oculi_dsl.attention as attention_mod
 from oculi_dsl.models import OculiModel
 
 pytestmark = pytest.mark.slow
@@ -115,15 +114,7 @@ def test_only_layer_3_routed_and_logits_unchanged(default_model: OculiModel,
     ids = ids_of(m, PROMPT)
     with torch.no_grad():
         plain = m.hf(input_ids=ids).logits[0]
-    calls: list[int] = []
-    real = attention_mod.attend
-
-    def spy(fire: Any, steps: Any, module: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(module.layer_idx)
-        return real(fire, steps, module, *args, **kwargs)
-
-    monkeypatch.setattr(attention_mod, "attend", spy)
-    with oculi.trace(m, PROMPT) as t:
+    with attend_calls(monkeypatch) as calls, oculi.trace(m, PROMPT) as t:
         t.layers[3].attn.pattern.save("pat")
         t.logits.save("logits")
     assert calls == [3]
